@@ -1,0 +1,34 @@
+"""mechscope: mechanistic interpretability on one primitive, an intervention at a site.
+
+Importing the package is cheap and side-effect free: submodules are loaded on first
+attribute access, nothing is printed and nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (loaded lazily, see __getattr__)
+_EXPORTS = {
+    "Site": "mechscope.core.site",
+    "hooked": "mechscope.core.run",
+    "run": "mechscope.core.run",
+    "cache": "mechscope.core.run",
+    "interchange": "mechscope.core.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mechscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
