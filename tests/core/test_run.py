@@ -169,3 +169,11 @@ def test_interchange_with_separately_padded_batches():
     for i, (b, s) in enumerate([([1, 2, 3], [9, 9, 9, 9, 9]), ([4, 5, 6, 7], [8])]):
         ref = interchange(model, torch.tensor([b]), torch.tensor([s]), [site])
         assert torch.allclose(out[i, -1], ref[0, -1], atol=1e-5)
+
+
+def test_cache_is_not_rewritten_by_later_in_place_ops():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+    x = torch.randn(64, 4)
+    acts = cache(model, x, [Site("0"), Site("2")])
+    assert torch.equal(acts[Site("0")], model[0](x))
+    assert (acts[Site("0")] < 0).any()

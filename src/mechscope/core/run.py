@@ -190,7 +190,10 @@ def _apply(act: Tensor, plan: list[tuple[Site, Intervention | None]], state: Run
         if fn is None:
             if check:
                 _check_finite(view, site, "at")
-            state.cache[site] = view.detach() if detach else view
+            stored = view.detach() if detach else view
+            # an unselected view *is* the activation: copy it, or a later in-place op of
+            # the model (ReLU(inplace=True), x += ...) would silently rewrite the cache
+            state.cache[site] = stored.clone() if view is act else stored
             continue
         new = fn(view, HookCall(site, state.batch, index))
         if not isinstance(new, Tensor) or new.shape != view.shape:

@@ -1,0 +1,469 @@
+"""An activation store on disk: sites of a model streamed over a dataset into shards.
+
+SAEs, transcoders and probes train on far more activations than fit in memory. A store
+is written once (``write_store``: one forward per input batch for every site, stopped
+after the deepest site) and read many times (``Store.batches``: shuffled minibatches
+from a bounded, memory-mapped buffer of shards).
+
+On disk, ``out_dir`` holds::
+
+    shard-00000.safetensors   one tensor [rows, d] per site, named by site_key(site),
+    shard-00001.safetensors   written by checkpoint.save_tensors (checksummed, atomic)
+    ...
+    manifest.json             {"format": "mechscope.store", "schema_version": 1,
+                               "dtype": "float32", "drop_padding": true, "shard_rows": N,
+                               "sites": [{"key", "site": Site.to_dict(), "d", "row_shape"}],
+                               "shards": [{"file", "rows", "batches": [first, stop),
+                                           "sha256": {key: hex}}],
+                               "n_rows", "n_batches", "complete"}
+
+Rows of every site are aligned: row ``i`` of each site comes from the same token. A
+shard holds whole input batches, so the manifest (rewritten atomically after each shard)
+always says exactly which input batches are done; an interrupted ``write_store`` resumes
+by skipping them. Rows are ``[n, d]``: a ``[batch, pos, ...]`` view loses its padding
+positions (by the batch's attention mask) and trailing dims are flattened (``row_shape``
+keeps them, e.g. ``[n_heads, d_head]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.core.checkpoint import (
+    CheckpointError,
+    MissingCheckpointError,
+    load_json,
+    load_tensors,
+    save_json_atomic,
+    save_tensors,
+    verify_tensor,
+)
+from mechscope.core.run import cache
+from mechscope.core.site import Site, SiteError
+
+FORMAT = "mechscope.store"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_RECREATE = "Delete the store directory and write it again with write_store"
+
+SiteRef = Site | str | int
+
+
+def site_key(site: Site) -> str:
+    """Stable tensor name of a site in the shards: readable path + hash of its full spec."""
+    spec = {k: v for k, v in site.to_dict().items() if k != "name"}  # the label is not identity
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{site.path or 'model'}.{site.io}.{digest}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def flatten_rows(view: Tensor, site: Site, attention_mask: Tensor | None = None, drop_padding: bool = True) -> Tensor:
+    """A site's view as rows ``[n, d]``, dropping padding positions by the attention mask.
+
+    ``[batch, d]`` is already rows; ``[batch, pos, d]`` (or ``[batch, pos, n_heads, d_head]``
+    with heads) becomes ``[batch * pos, d]``, or only the real tokens' rows when a mask
+    is given. A site that selects positions keeps all of them: they are resolved against
+    real tokens already.
+    """
+    feat_dims = 2 if site.heads is not None else 1
+    lead = view.dim() - feat_dims
+    if lead not in (1, 2):
+        raise SiteError(
+            f"site {site}: cannot turn an activation view of shape {list(view.shape)} into rows; "
+            "expected [batch, d] or [batch, pos, d] (with heads: [batch, pos, n_heads, d_head])"
+        )
+    rows = view.flatten(lead) if feat_dims > 1 else view  # [batch, d] or [batch, pos, d]
+    if lead == 1:
+        return rows
+    if drop_padding and attention_mask is not None and site.positions is None:
+        if tuple(attention_mask.shape) != tuple(rows.shape[:2]):
+            raise SiteError(
+                f"site {site}: cannot drop padding, the activation has {list(rows.shape[:2])} "
+                f"[batch, pos] but the attention mask is {list(attention_mask.shape)}; pass "
+                "drop_padding=False or select positions on the site"
+            )
+        return rows[attention_mask.to(rows.device).bool()]  # [n_real, d]
+    return rows.reshape(-1, rows.shape[-1])  # [batch * pos, d]
+
+
+def row_shape(view: Tensor, site: Site) -> list[int]:
+    """Shape of one row before flattening: ``[d]``, or ``[n_heads, d_head]`` for a head site."""
+    return list(view.shape[-2:] if site.heads is not None else view.shape[-1:])
+
+
+def _attention_mask(inputs: Any) -> Tensor | None:
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
+        return inputs["attention_mask"]
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- writing ---------------------------------------------------------------------------
+def _new_manifest(sites: Sequence[Site], dtype: torch.dtype, drop_padding: bool, shard_rows: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "dtype": _dtype_name(dtype),
+        "drop_padding": drop_padding,
+        "shard_rows": shard_rows,
+        "sites": [{"key": site_key(s), "site": s.to_dict(), "d": None, "row_shape": None} for s in sites],
+        "shards": [],
+        "n_rows": 0,
+        "n_batches": 0,
+        "complete": False,
+    }
+
+
+def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between an existing store and the one asked for (empty: resumable)."""
+    out = []
+    old_keys = [e.get("key") for e in old.get("sites", [])]
+    new_keys = [e["key"] for e in new["sites"]]
+    if old_keys != new_keys:
+        show = lambda m: [str(Site.from_dict(e["site"])) for e in m["sites"]]  # noqa: E731
+        out.append(f"sites: store has {show(old)}, asked for {show(new)}")
+    for field in ("dtype", "drop_padding"):
+        if old.get(field) != new[field]:
+            out.append(f"{field}: store has {old.get(field)!r}, asked for {new[field]!r}")
+    return out
+
+
+def _clean_leftovers(out_dir: Path, n_shards: int) -> None:
+    """Remove temp files of a hard-killed write and shards the manifest never recorded."""
+    for p in out_dir.glob(".shard-*.tmp"):
+        p.unlink(missing_ok=True)
+    for p in out_dir.glob(f".{MANIFEST}.*.tmp"):
+        p.unlink(missing_ok=True)
+    for p in out_dir.glob("shard-*.safetensors"):
+        m = _SHARD_RE.match(p.name)
+        if m and int(m.group(1)) >= n_shards:
+            p.unlink()
+
+
+def _start(out_dir: Path, fresh: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The manifest to continue from: the existing one (checked) or a fresh one."""
+    if not (out_dir / MANIFEST).exists():
+        if out_dir.exists():
+            _clean_leftovers(out_dir, 0)
+        return fresh
+    if not resume:
+        raise ValueError(
+            f"{out_dir} already holds an activation store; pass resume=True to continue or reuse "
+            "it, or delete the directory (or choose another out_dir) to write a new one"
+        )
+    old = _read_manifest(out_dir, allow_incomplete=True)
+    conflicts = _resume_conflicts(old, fresh)
+    if conflicts:
+        raise ValueError(
+            f"cannot resume the store in {out_dir}: it was written with different settings ("
+            + "; ".join(conflicts) + "); write to another out_dir, or delete this one to start over"
+        )
+    old["shard_rows"] = fresh["shard_rows"]
+    _clean_leftovers(out_dir, len(old["shards"]))
+    return old
+
+
+class _ShardWriter:
+    """Buffers rows of whole input batches and writes them as shards, then the manifest."""
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype) -> None:
+        self.out_dir, self.manifest, self.dtype = out_dir, manifest, dtype
+        self.keys = [e["key"] for e in manifest["sites"]]
+        self.buffers: dict[str, list[Tensor]] = {k: [] for k in self.keys}
+        self.rows = 0
+        self.first_batch = manifest["n_batches"]
+        self.next_batch = manifest["n_batches"]
+
+    def add(self, views: dict[str, Tensor], row_shapes: dict[str, list[int]], batch_index: int) -> None:
+        counts = {k: v.shape[0] for k, v in views.items()}
+        if len(set(counts.values())) > 1:
+            raise SiteError(
+                f"input batch {batch_index}: the sites give different numbers of rows {counts}, so their "
+                "rows cannot be aligned; write sites with different positions to separate stores"
+            )
+        for entry in self.manifest["sites"]:
+            key, shape = entry["key"], row_shapes[entry["key"]]
+            if entry["row_shape"] is None:
+                entry["row_shape"], entry["d"] = shape, math.prod(shape)
+            elif entry["row_shape"] != shape:
+                raise SiteError(
+                    f"input batch {batch_index}: site {Site.from_dict(entry['site'])} gives rows of shape "
+                    f"{shape}, but the store holds {entry['row_shape']}; did the model change since the store was started?"
+                )
+            self.buffers[key].append(views[key].detach().to("cpu", self.dtype))
+        self.rows += next(iter(counts.values()))
+        self.next_batch = batch_index + 1
+
+    def flush(self, complete: bool = False) -> None:
+        """Write the buffered batches as the next shard (if any), then the manifest."""
+        m = self.manifest
+        if self.next_batch > self.first_batch:
+            name = shard_name(len(m["shards"]))
+            tensors = {k: torch.cat(parts) for k, parts in self.buffers.items()}  # key -> [rows, d]
+            covered = [self.first_batch, self.next_batch]
+            sums = save_tensors(self.out_dir / name, tensors, {"store_shard": len(m["shards"]), "batches": covered})
+            m["shards"].append({"file": name, "rows": self.rows, "batches": covered, "sha256": sums})
+            m["n_rows"] += self.rows
+            m["n_batches"] = self.next_batch
+            self.buffers = {k: [] for k in self.keys}
+            self.rows, self.first_batch = 0, self.next_batch
+        m["complete"] = complete
+        save_json_atomic(self.out_dir / MANIFEST, m)
+
+
+def write_store(
+    model: nn.Module,
+    sites: Site | Sequence[Site],
+    batches: Iterable[Any],
+    out_dir: str | Path,
+    *,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    drop_padding: bool = True,
+    resume: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> "Store":
+    """Stream ``sites`` of ``model`` over ``batches`` into a sharded store in ``out_dir``.
+
+    ``batches`` yields model inputs (dicts from ``collate``, tensors, or tuples of
+    positional args). A shard is written once it holds at least ``shard_rows`` rows (it
+    always holds whole input batches). With ``resume`` an interrupted store is continued:
+    the input batches its manifest covers are skipped (not run), so the dataset must
+    yield the same batches in the same order; a complete store is returned as is.
+    ``progress(batches_done, rows_done)`` is called after every input batch.
+    """
+    sites = [sites] if isinstance(sites, Site) else list(sites)
+    if not sites or not all(isinstance(s, Site) for s in sites):
+        raise TypeError(f"write_store needs one or more Site values, got {sites!r}")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"write_store got the same site twice: {[str(s) for s in sites]}")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+    out_dir = Path(out_dir)
+    manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows), resume)
+    if manifest["complete"]:
+        return Store(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out_dir, manifest, dtype)
+    keys = dict(zip(sites, writer.keys))
+    done, seen = manifest["n_batches"], 0
+    with torch.no_grad():
+        for index, inputs in enumerate(batches):
+            seen = index + 1
+            if index < done:
+                continue
+            acts = cache(model, inputs, sites)
+            mask = _attention_mask(inputs)
+            views = {keys[s]: flatten_rows(acts[s], s, mask, drop_padding) for s in sites}
+            shapes = {keys[s]: row_shape(acts[s], s) for s in sites}
+            writer.add(views, shapes, index)
+            if writer.rows >= shard_rows:
+                writer.flush()
+            if progress is not None:
+                progress(seen, manifest["n_rows"] + writer.rows)
+    if seen == 0:
+        raise ValueError(f"the dataset produced no batches, so there is nothing to write to {out_dir}; "
+                         "check that the batch iterable is not empty or already exhausted")
+    if seen < done:
+        raise ValueError(
+            f"the dataset produced {seen} batches, but the store in {out_dir} already covers {done}; "
+            "resume needs the same deterministic dataset (delete the directory to start over)"
+        )
+    writer.flush(complete=True)
+    return Store(out_dir)
+
+
+# -- reading ---------------------------------------------------------------------------
+def _read_manifest(out_dir: Path, allow_incomplete: bool) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        raise MissingCheckpointError(f"{path}: missing: there is no activation store in {out_dir}. "
+                                     "Check the path, or write one with write_store")
+    m = load_json(path, "activation-store manifest", _RECREATE + " (or resume it with write_store(..., resume=True))")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an activation-store manifest (no format {FORMAT!r}). {_RECREATE}")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: store schema version {m.get('schema_version')!r}, this mechscope reads "
+                              f"{SCHEMA_VERSION}. Upgrade mechscope, or write the store again")
+    missing = [k for k in ("dtype", "sites", "shards", "n_rows", "n_batches", "complete") if k not in m]
+    if missing:
+        raise CheckpointError(f"{path}: corrupted manifest, missing field(s) {missing}. {_RECREATE}")
+    if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
+        raise CheckpointError(f"{path}: corrupted manifest, shard rows add up to {sum(s['rows'] for s in m['shards'])} "
+                              f"but n_rows says {m['n_rows']}. {_RECREATE}")
+    if not m["complete"] and not allow_incomplete:
+        raise CheckpointError(
+            f"{path}: the store is incomplete ({len(m['shards'])} shard(s), {m['n_batches']} input batches, "
+            "written by an interrupted write_store). Finish it with write_store(..., resume=True) on the "
+            "same dataset, or open it with allow_incomplete=True to read what is there"
+        )
+    return m
+
+
+class Store:
+    """A written activation store: its sites, sizes and shuffled minibatches.
+
+    Reading never loads the whole store: ``batches`` holds a few shards at a time
+    (memory-mapped reads of only the sites asked for), and every shard read is checked
+    against the manifest (row count, width, checksum) so damage is an error naming the
+    file, never a silent short read.
+    """
+
+    def __init__(self, out_dir: str | Path, allow_incomplete: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.manifest = _read_manifest(self.out_dir, allow_incomplete)
+        self._entries = {e["key"]: e for e in self.manifest["sites"]}
+        self._sites = [Site.from_dict(e["site"]) for e in self.manifest["sites"]]
+
+    # -- description ---------------------------------------------------------------
+    @property
+    def sites(self) -> list[Site]:
+        return list(self._sites)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["dtype"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return [dict(s) for s in self.manifest["shards"]]
+
+    def d(self, site: SiteRef | None = None) -> int:
+        """Width of a site's rows."""
+        return int(self._entries[self.key(site)]["d"])
+
+    def row_shape(self, site: SiteRef | None = None) -> list[int]:
+        """Shape of one row before flattening (``[d]``, or ``[n_heads, d_head]``)."""
+        return list(self._entries[self.key(site)]["row_shape"])
+
+    def key(self, site: SiteRef | None = None) -> str:
+        """Tensor name of a site, found by Site, key, label, description, unique module path or index."""
+        keys = list(self._entries)
+        if site is None:
+            if len(keys) == 1:
+                return keys[0]
+            raise ValueError(f"this store holds {len(keys)} sites {[str(s) for s in self._sites]}; say which")
+        if isinstance(site, int) and not isinstance(site, bool) and -len(keys) <= site < len(keys):
+            return keys[site]
+        for key, s in zip(keys, self._sites):
+            if site == s or (isinstance(site, str) and site in (key, s.name, s.describe())):
+                return key
+        by_path = [key for key, s in zip(keys, self._sites) if s.path == site]
+        if len(by_path) == 1:  # a module path names the site when only one site is there
+            return by_path[0]
+        raise KeyError(f"site {site} is not in the store at {self.out_dir}; it holds {[str(s) for s in self._sites]}")
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{s} (d={self.d(i)})" for i, s in enumerate(self._sites))
+        state = "" if self.complete else ", incomplete"
+        return f"Store({str(self.out_dir)!r}: {self.n_rows} rows of {sites}, {len(self.manifest['shards'])} shards{state})"
+
+    # -- reading -------------------------------------------------------------------
+    def read_shard(self, index: int, keys: Sequence[str], verify: bool = True) -> dict[str, Tensor]:
+        """Tensors ``{key: [rows, d]}`` of one shard, checked against the manifest."""
+        shard = self.manifest["shards"][index]
+        path = self.out_dir / shard["file"]
+        tensors, _ = load_tensors(path, verify=False, names=keys, fix=_RECREATE)
+        for key, t in tensors.items():
+            want = [shard["rows"], self._entries[key]["d"]]
+            if list(t.shape) != want or t.dtype != self.dtype:
+                raise CheckpointError(
+                    f"{path}: holds {list(t.shape[:1])} rows x {list(t.shape[1:])} ({t.dtype}) for site "
+                    f"{key}, but the manifest says {want[0]} rows of width {want[1]} ({self.dtype}). {_RECREATE}"
+                )
+            if verify:
+                expected = {"sha256": shard["sha256"].get(key), "dtype": self.manifest["dtype"], "shape": want}
+                verify_tensor(path, key, t, expected if expected["sha256"] else None, _RECREATE)
+        return tensors
+
+    def to_tensor(self, site: SiteRef | None = None, verify: bool = True) -> Tensor:  # [n_rows, d]
+        """Every row of one site in store order, in memory: for small stores."""
+        key = self.key(site)
+        parts = [self.read_shard(i, [key], verify)[key] for i in range(len(self.manifest["shards"]))]
+        return torch.cat(parts) if parts else torch.empty(0, self.d(site), dtype=self.dtype)
+
+    def batches(
+        self,
+        sites: SiteRef | Sequence[SiteRef] | None = None,
+        batch_size: int = 4096,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        verify: bool = True,
+        buffer_shards: int = 4,
+    ) -> Iterator[Tensor | dict[Site, Tensor]]:
+        """One epoch of minibatches: ``[batch_size, d]``, or ``{Site: [batch_size, d]}`` for a list.
+
+        Shards are visited in a seeded random order, ``buffer_shards`` at a time; rows
+        are shuffled within that buffer (plus the few left over from the last one), so
+        memory stays bounded and every row appears exactly once. Use a new ``seed`` per
+        epoch for a new order. The last batch is smaller unless ``drop_last``.
+        """
+        if batch_size < 1 or buffer_shards < 1:
+            raise ValueError(f"batch_size and buffer_shards must be at least 1, got {batch_size} and {buffer_shards}")
+        if sites is None:  # every site: a tensor for a one-site store, else a dict
+            many, keys = len(self._entries) > 1, list(self._entries)
+        else:
+            many = isinstance(sites, (list, tuple))
+            keys = list(dict.fromkeys(self.key(s) for s in (sites if many else [sites])))
+            if not keys:
+                raise ValueError("batches() got an empty list of sites")
+        by_key = dict(zip(self._entries, self._sites))
+        to_site = {k: by_key[k] for k in keys}
+        gen = iter(self._minibatches(keys, batch_size, shuffle, seed, drop_last, verify, buffer_shards))
+        return ({to_site[k]: b[k] for k in keys} if many else b[keys[0]] for b in gen)
+
+    def _minibatches(self, keys, batch_size, shuffle, seed, drop_last, verify, buffer_shards) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        n_shards = len(self.manifest["shards"])
+        order = torch.randperm(n_shards, generator=gen).tolist() if shuffle else list(range(n_shards))
+        carry: dict[str, Tensor] = {}  # rows left from the last buffer, fewer than batch_size
+        for start in range(0, n_shards, buffer_shards):
+            parts = [self.read_shard(i, keys, verify) for i in order[start:start + buffer_shards]]
+            buf = {k: torch.cat(([carry[k]] if carry else []) + [p[k] for p in parts]) for k in keys}  # [R, d]
+            n = buf[keys[0]].shape[0]
+            perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)  # [R]
+            full = n - n % batch_size
+            for b in range(0, full, batch_size):
+                yield {k: v[perm[b:b + batch_size]] for k, v in buf.items()}
+            carry = {k: v[perm[full:]] for k, v in buf.items()}  # fresh copies: the buffer is freed
+        if carry and carry[keys[0]].shape[0] and not drop_last:
+            yield carry
+
+    def verify(self) -> None:
+        """Read and check every shard (row counts, widths, checksums); raises on damage."""
+        keys = list(self._entries)
+        for i in range(len(self.manifest["shards"])):
+            self.read_shard(i, keys, verify=True)
+
+
+def open_store(out_dir: str | Path, allow_incomplete: bool = False) -> Store:
+    """Open a store written by :func:`write_store` (an incomplete one only when allowed)."""
+    return Store(out_dir, allow_incomplete=allow_incomplete)
