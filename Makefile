@@ -1,0 +1,40 @@
+# mechscope: `make bench` runs the pre-registered checks, `make test` the test suite.
+# Both create .venv on first use. TORCH is the pip spec for torch, installed first:
+#   make test TORCH=torch            # your own build / index
+#   make test TORCH=                 # skip: keep the torch already in .venv
+.DEFAULT_GOAL := test
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PIP    := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
+# one stamp per torch spec, so that changing TORCH or pyproject.toml reinstalls
+STAMP  := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
+
+.PHONY: venv test bench bench-perf clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@$(if $(strip $(TORCH)),echo "installing $(TORCH)" && $(PIP) install '$(TORCH)',true)
+	@echo "installing mechscope (editable) with its test extras"
+	@$(PIP) install -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/mechscope bench
+
+# every benchmarks/*.py script except helpers named _*.py
+bench-perf: $(STAMP)
+	@set -e; for script in benchmarks/[!_]*.py; do \
+	  [ -e "$$script" ] || { echo "no benchmarks/*.py yet"; break; }; \
+	  echo "== $$script"; $(VENV)/bin/python "$$script"; \
+	done
+
+clean:
+	rm -rf bench-out build dist .pytest_cache src/*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,84 @@
+"""scoreboard.json, schema version 1 (see the bench spec): build, write atomically, load.
+
+A row's ``seconds`` is the wall time of the check that produced it (rows of one check share
+it); an errored row has ``"value": null``, ``"passed": false`` and an ``"error"`` string.
+
+Beyond the keys of the spec, a scoreboard carries ``threads`` (torch intra-op threads the
+run used), ``options`` (the BenchConfig it ran with), ``complete`` (false while the run is
+going or after it was interrupted; the file is rewritten after every check) and
+``figures``: one entry per figure a
+check attached, ``{"task", "method", "name", "caption", "path"}`` with ``path`` relative to
+the scoreboard's directory (``figures/<task>__<method>__<name>.png``), or ``"missing"``
+instead of ``path`` when the figure could not be drawn. ``mechscope report`` embeds the
+listed files, so a scoreboard and its ``figures/`` directory are all a report needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+ROW_KEYS = ("task", "method", "metric", "value", "threshold", "passed", "baselines", "seconds", "detail")
+TOP_KEYS = ("schema", "mechscope", "torch", "device", "seed", "started", "seconds", "rows")
+
+
+class ScoreboardError(ValueError):
+    """A scoreboard file is missing, unreadable, or not schema version 1."""
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers see
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_scoreboard(path: Path, scoreboard: dict[str, Any]) -> None:
+    """Write a scoreboard as JSON; NaN or infinity anywhere is a bug and raises ValueError."""
+    atomic_write(path, json.dumps(scoreboard, indent=2, allow_nan=False) + "\n")
+
+
+def load_scoreboard(path: Path) -> dict[str, Any]:
+    """Read and check a scoreboard; errors say which file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreboardError(f"no scoreboard at {path}; run `mechscope bench --out DIR` first "
+                              f"or pass --scoreboard DIR/scoreboard.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScoreboardError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ScoreboardError(f"{path} has schema {found!r}; this mechscope reads schema {SCHEMA}")
+    missing = [k for k in TOP_KEYS if k not in data]
+    if missing:
+        raise ScoreboardError(f"{path} lacks required key(s) {', '.join(missing)}")
+    for i, row in enumerate(data["rows"]):
+        lacking = [k for k in ROW_KEYS if k not in row]
+        if lacking:
+            raise ScoreboardError(f"{path}: row {i} lacks key(s) {', '.join(lacking)}")
+    return data
+
+
+def tally(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts of passed, failed (including errors) and informational rows."""
+    return {
+        "passed": sum(r["passed"] is True for r in rows),
+        "failed": sum(r["passed"] is False for r in rows),
+        "info": sum(r["passed"] is None for r in rows),
+    }

@@ -1,0 +1,67 @@
+"""The ``mechscope`` command: one subcommand per module of this package.
+
+A subcommand module ``mechscope/cli/<name>.py`` exposes ``add_parser(subparsers)``, which
+adds and returns its ``argparse`` parser (options from a config, see
+:func:`mechscope.core.config.add_config_arguments`), and ``run(args) -> int``, the exit
+status. ``run`` raises :class:`UsageError` (or ``ConfigError``) for bad usage: ``main``
+prints it and exits 2. Modules must not import torch at import time, so that
+``mechscope --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Sequence
+
+SUBCOMMANDS = ("bench", "report", "sites")
+
+
+class UsageError(Exception):
+    """The command was given options that cannot work; the message says how to fix them."""
+
+
+def _subcommand(name: str) -> ModuleType | None:
+    module = f"{__name__}.{name}"
+    if importlib.util.find_spec(module) is None:  # listed but not written yet
+        return None
+    return importlib.import_module(module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mechscope import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mechscope",
+        description="Mechanistic interpretability on one primitive: an intervention at a site of "
+                    "an unmodified PyTorch model.",
+        epilog="Run `mechscope COMMAND --help` for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"mechscope {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        module = _subcommand(name)
+        if module is not None:
+            module.add_parser(subparsers).set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for bad usage)."""
+    from mechscope.core.config import ConfigError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return int(args._run(args))
+    except (UsageError, ConfigError) as e:
+        print(f"mechscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mechscope {args.command}: interrupted", file=sys.stderr)
+        return 130

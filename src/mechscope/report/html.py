@@ -1,0 +1,147 @@
+"""report.html: one self-contained page from a scoreboard and its figure files.
+
+A summary table (green / red against the pre-registered criteria, baselines beside), then
+one section per task with its figures (PNG embedded as base64) and its rows with their
+details. Every criterion is printed with the value found and the verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from mechscope.bench.scoreboard import atomic_write, tally
+
+OP_TEXT = {">=": "≥", "<=": "≤", ">": "&gt;", "<": "&lt;", "==": "="}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;
+ padding:0 1em;color:#1d232a}
+h1{margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ccd;padding-bottom:.2em}
+.meta{color:#556;margin-bottom:1em} .totals{font-size:1.1em;margin:.8em 0}
+table{border-collapse:collapse;width:100%;margin:.6em 0} th,td{border:1px solid #d6dae0;
+ padding:.3em .55em;text-align:left;vertical-align:top} th{background:#f1f3f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.pass td.verdict{background:#d9f2dd;color:#145a21;font-weight:600}
+tr.fail td.verdict{background:#f8d7d7;color:#8a1414;font-weight:600}
+tr.info td.verdict{background:#eceff3;color:#445}
+.banner{padding:.6em 1em;border-radius:4px;margin:1em 0}
+.banner.bad{background:#f8d7d7} .banner.note{background:#fff4d6}
+pre.error{white-space:pre-wrap;background:#fbeeee;padding:.5em;margin:.3em 0;font-size:12px}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:560px;border:1px solid #e3e6ea} figcaption{color:#445;font-size:.9em;max-width:560px}
+.detail{color:#334;font-size:.92em} .muted{color:#889}
+"""
+
+
+def fmt(x: Any) -> str:
+    """A value as the report prints it: 4 significant digits, '—' for none."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return escape(str(x))
+    return str(x) if isinstance(x, int) else f"{x:.4g}"
+
+
+def criterion(threshold: dict[str, Any] | None) -> str:
+    return "none (reported for information)" if not threshold else \
+        f"{OP_TEXT.get(threshold['op'], escape(threshold['op']))} {fmt(threshold['value'])}"
+
+
+def verdict(row: dict[str, Any]) -> tuple[str, str]:
+    """(css class, text) for a row."""
+    if row.get("error"):
+        return "fail", "ERROR"
+    return {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("info", "info")}[row["passed"]]
+
+
+def baselines_text(baselines: dict[str, Any]) -> str:
+    return ", ".join(f"{escape(k)} {fmt(v)}" for k, v in baselines.items()) or '<span class="muted">—</span>'
+
+
+def detail_text(detail: dict[str, Any]) -> str:
+    shown = {k: v for k, v in detail.items() if k != "traceback"}
+    return ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in shown.items())
+
+
+def task_anchor(task: str) -> str:
+    return f"task-{escape(task)}"
+
+
+def _row_html(row: dict[str, Any], *, with_task: bool) -> str:
+    css, text = verdict(row)
+    task = f'<td><a href="#{task_anchor(row["task"])}">{escape(row["task"])}</a></td>' if with_task else ""
+    extra = f'<td class="detail">{detail_text(row["detail"])}</td>' if not with_task else ""
+    error = f'<pre class="error">{escape(row["error"])}</pre>' if row.get("error") else ""
+    return (f'<tr class="{css}">{task}<td>{escape(row["method"])}</td><td>{escape(row["metric"])}</td>'
+            f'<td class="num">{fmt(row["value"])}</td><td class="num">{criterion(row["threshold"])}</td>'
+            f'<td class="verdict">{text}</td><td>{baselines_text(row["baselines"])}</td>{extra}'
+            f'<td class="num">{fmt(round(row["seconds"], 1))}s</td></tr>'
+            + (f'<tr class="{css}"><td colspan="8">{error}</td></tr>' if error else ""))
+
+
+def rows_table(rows: list[dict[str, Any]], *, with_task: bool) -> str:
+    head = ["Task"] if with_task else []
+    head += ["Method", "Metric", "Value", "Criterion", "Result", "Baselines"]
+    head += [] if with_task else ["Detail"]
+    head += ["Time"]
+    cells = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join(_row_html(r, with_task=with_task) for r in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def figure_html(fig: dict[str, Any], base_dir: Path) -> str:
+    """One figure, embedded; a note in its place when it is missing."""
+    caption = escape(fig.get("caption") or fig["name"])
+    if fig.get("missing"):
+        return f'<div class="banner note">Figure {escape(fig["name"])}: {escape(fig["missing"])}</div>'
+    path = base_dir / fig["path"]
+    if not path.is_file():
+        return f'<div class="banner note">Figure {escape(fig["name"])}: file {escape(str(path))} not found</div>'
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _tasks(board: dict[str, Any]) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in board["rows"] + board.get("figures", []):
+        seen.setdefault(item["task"], None)
+    return list(seen)
+
+
+def _header(board: dict[str, Any]) -> str:
+    counts = tally(board["rows"])
+    meta = (f"mechscope {escape(str(board['mechscope']))} · torch {escape(str(board['torch']))} · "
+            f"device {escape(str(board['device']))} · threads {escape(str(board.get('threads', '?')))} · "
+            f"seed {escape(str(board['seed']))} · started {escape(str(board['started']))} · "
+            f"{fmt(round(board['seconds'], 1))} s")
+    banner = "" if board.get("complete", True) else \
+        '<div class="banner bad">This run did not finish: the rows below are those it completed.</div>'
+    return (f'<h1>mechscope bench</h1><div class="meta">{meta}</div>{banner}'
+            f'<div class="totals"><b>{counts["passed"]}</b> passed · <b>{counts["failed"]}</b> failed · '
+            f'<b>{counts["info"]}</b> for information</div>')
+
+
+def render_report(board: dict[str, Any], base_dir: Path) -> str:
+    """The report page for a scoreboard whose figure paths are relative to ``base_dir``."""
+    figures = board.get("figures", [])
+    parts = [_header(board), "<h2>Summary</h2>",
+             rows_table(board["rows"], with_task=True) if board["rows"] else "<p>No checks ran.</p>"]
+    for task in _tasks(board):
+        rows = [r for r in board["rows"] if r["task"] == task]
+        figs = "".join(figure_html(f, Path(base_dir)) for f in figures if f["task"] == task)
+        parts.append(f'<h2 id="{task_anchor(task)}">{escape(task)}</h2>{figs}'
+                     + (rows_table(rows, with_task=False) if rows else ""))
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mechscope bench'
+            f"</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_report(board: dict[str, Any], out_dir: Path, name: str = "report.html") -> Path:
+    """Render and write ``out_dir/name`` atomically; return its path."""
+    path = Path(out_dir) / name
+    atomic_write(path, render_report(board, Path(out_dir)))
+    return path

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from mechscope.bench.scoreboard import ScoreboardError, load_scoreboard
+from mechscope.report.html import render_report, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 8
+
+
+def row(task, method, metric, value, threshold, passed, **extra):
+    return {"task": task, "method": method, "metric": metric, "value": value, "threshold": threshold,
+            "passed": passed, "baselines": extra.pop("baselines", {}), "seconds": 1.25,
+            "detail": extra.pop("detail", {}), **extra}
+
+
+def board():
+    return {
+        "schema": 1, "mechscope": "0.1.0", "torch": "2.13.0", "device": "cpu", "seed": 0,
+        "started": "2026-11-24T10:00:00Z", "seconds": 12.5, "threads": 1, "complete": True,
+        "rows": [
+            row("hier_eq", "das", "iia", 0.991, {"op": ">=", "value": 0.95}, True,
+                baselines={"random_subspace": 0.52, "best_neurons": 0.63}, detail={"layer": 1, "variable": "WX"}),
+            row("hier_eq", "probe", "accuracy", 0.4, {"op": ">=", "value": 0.9}, False),
+            row("toy<b>", "sae", "mse", None, {"op": "<=", "value": 0.1}, False, error="ValueError: bad <input>"),
+            row("toy<b>", "sae", "l0", 12, None, None),
+        ],
+        "figures": [
+            {"task": "hier_eq", "method": "das", "name": "iia", "caption": "IIA per layer",
+             "path": "figures/hier_eq__das__iia.png"},
+            {"task": "toy<b>", "method": "sae", "name": "geom", "caption": "", "missing": "matplotlib is not installed"},
+            {"task": "toy<b>", "method": "sae", "name": "gone", "caption": "", "path": "figures/gone.png"},
+        ],
+    }
+
+
+@pytest.fixture
+def out(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "hier_eq__das__iia.png").write_bytes(PNG)
+    return tmp_path
+
+
+def test_summary_table_and_criteria(out):
+    html = render_report(board(), out)
+    assert html.startswith("<!DOCTYPE html>") and "<h2>Summary</h2>" in html
+    assert "<b>1</b> passed · <b>2</b> failed · <b>1</b> for information" in html
+    assert '<tr class="pass"><td><a href="#task-hier_eq">hier_eq</a></td><td>das</td><td>iia</td>' \
+           '<td class="num">0.991</td><td class="num">≥ 0.95</td><td class="verdict">PASS</td>' \
+           "<td>random_subspace 0.52, best_neurons 0.63</td>" in html
+    assert '<td class="num">0.4</td><td class="num">≥ 0.9</td><td class="verdict">FAIL</td>' in html
+    assert '<td class="verdict">ERROR</td>' in html and "none (reported for information)" in html
+    assert 'class="detail">layer=1, variable=WX</td>' in html
+
+
+def test_sections_figures_and_notes(out):
+    html = render_report(board(), out)
+    assert '<h2 id="task-hier_eq">hier_eq</h2><figure><img alt="IIA per layer" src="data:image/png;base64,' in html
+    assert "Figure geom: matplotlib is not installed" in html
+    assert "Figure gone: file" in html and "not found" in html
+
+
+def test_everything_is_escaped(out):
+    html = render_report(board(), out)
+    assert "toy<b>" not in html and "toy&lt;b&gt;" in html
+    assert "bad &lt;input&gt;" in html
+
+
+def test_incomplete_run_banner(out):
+    html = render_report({**board(), "complete": False}, out)
+    assert "This run did not finish" in html
+
+
+def test_write_report_and_load_round_trip(out):
+    (out / "scoreboard.json").write_text(json.dumps(board()))
+    path = write_report(load_scoreboard(out / "scoreboard.json"), out)
+    assert path == out / "report.html" and "data:image/png;base64," in path.read_text()
+
+
+def test_load_scoreboard_errors(tmp_path):
+    with pytest.raises(ScoreboardError, match="no scoreboard at"):
+        load_scoreboard(tmp_path / "missing.json")
+    bad = tmp_path / "s.json"
+    bad.write_text("{not json")
+    with pytest.raises(ScoreboardError, match="not valid JSON"):
+        load_scoreboard(bad)
+    bad.write_text(json.dumps({**board(), "schema": 2}))
+    with pytest.raises(ScoreboardError, match="schema 2; this mechscope reads schema 1"):
+        load_scoreboard(bad)
+    b = board()
+    del b["rows"][0]["passed"]
+    bad.write_text(json.dumps(b))
+    with pytest.raises(ScoreboardError, match="row 0 lacks key"):
+        load_scoreboard(bad)
