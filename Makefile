@@ -28,12 +28,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/mechscope bench
 
-# every benchmarks/*.py script except helpers named _*.py
+# every benchmarks/*.py script except helpers named _*.py; all run, failures listed at the end
 bench-perf: $(STAMP)
-	@set -e; for script in benchmarks/[!_]*.py; do \
+	@failed=""; for script in benchmarks/[!_]*.py; do \
 	  [ -e "$$script" ] || { echo "no benchmarks/*.py yet"; break; }; \
-	  echo "== $$script"; $(VENV)/bin/python "$$script"; \
-	done
+	  echo "== $$script"; $(VENV)/bin/python "$$script" || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks missing their targets:$$failed"; exit 1; fi
 
 clean:
 	rm -rf bench-out build dist .pytest_cache src/*.egg-info
