@@ -13,11 +13,14 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it (loaded lazily, see __getattr__)
 _EXPORTS = {
-    "Site": "mechscope.core.site",
-    "hooked": "mechscope.core.run",
-    "run": "mechscope.core.run",
-    "cache": "mechscope.core.run",
-    "interchange": "mechscope.core.run",
+    **dict.fromkeys(["Site", "BatchInfo", "register_position_fn"], "mechscope.core.site"),
+    **dict.fromkeys(["hooked", "run", "cache", "interchange"], "mechscope.core.run"),
+    **dict.fromkeys(["Replace", "Zero", "Mean", "Resample", "Add", "ProjectOut", "Apply",
+                     "FeatureInterchange"], "mechscope.core.intervene"),
+    **dict.fromkeys(["Featurizer", "Identity", "Subspace", "Rotation", "PCA"], "mechscope.core.featurize"),
+    "collate": "mechscope.core.batch",
+    **dict.fromkeys(["structure"], "mechscope.core.structure"),
+    **dict.fromkeys(["resolve", "list_sites"], "mechscope.core.aliases"),
 }
 
 
