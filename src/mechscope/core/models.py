@@ -1,0 +1,100 @@
+"""Models: structure detection, named sites, and building Hugging Face models from configs.
+
+This is the one import for working with a model's layout::
+
+    from mechscope.core.models import structure, resolve, resid_post, head_out
+
+    s = structure(model)                 # block list, attention/MLP paths, sizes
+    site = resid_post(model, 3)          # Site("transformer.h.3", name="resid_post.3")
+    site = resolve(model, "head_out.3.2", positions="last")
+
+Detection lives in :mod:`mechscope.core.structure` (and the probe forward in
+:mod:`mechscope.core.probe`), aliases in :mod:`mechscope.core.aliases`. transformers is
+optional: it is imported only by :func:`hf_model_from_config`, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mechscope.core.aliases import (
+    ALIASES,
+    LAYER_ALIASES,
+    attn_out,
+    embed,
+    head_out,
+    list_sites,
+    mlp_hidden,
+    mlp_out,
+    resid_post,
+    resid_pre,
+    resolve,
+    unembed,
+)
+from mechscope.core.structure import BlockPaths, ModelStructure, StructureError, structure
+
+
+def require_transformers() -> Any:
+    """The transformers module, or an ImportError that says how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            "this needs the optional dependency transformers, which is not installed; "
+            "install it with `pip install 'mechscope[hf]'` (or `pip install transformers`)"
+        ) from None
+    return transformers
+
+
+def hf_config_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config as a dict, from a mapping, a ``config.json`` path or JSON text."""
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        text = str(source)
+        path = Path(text)
+        if not text.lstrip().startswith("{"):
+            if not path.is_file():
+                raise FileNotFoundError(f"no Hugging Face config file at {text!r}; give a config.json path or the JSON text itself")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the Hugging Face config is not valid JSON ({e}); expected a config.json object") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(
+            "a Hugging Face config needs a string field 'model_type' (e.g. \"gpt2\", \"llama\"), "
+            f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
+    return data
+
+
+def hf_model_from_config(source: str | Path | Mapping[str, Any], seed: int = 0) -> nn.Module:
+    """A randomly initialised causal LM built from a Hugging Face config, with no download.
+
+    The global RNG is left as it was; the weights depend only on ``seed``. The model is
+    returned in eval mode.
+    """
+    transformers = require_transformers()
+    data = hf_config_dict(source)
+    model_type = data.pop("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **data)
+    except ValueError as e:
+        raise ValueError(f"transformers {transformers.__version__} does not know model_type {model_type!r}: {e}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+__all__ = [
+    "ALIASES", "LAYER_ALIASES", "BlockPaths", "ModelStructure", "StructureError", "structure",
+    "embed", "unembed", "resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "head_out",
+    "resolve", "list_sites", "require_transformers", "hf_config_dict", "hf_model_from_config",
+]
