@@ -61,9 +61,21 @@ def baselines_text(baselines: dict[str, Any]) -> str:
     return ", ".join(f"{escape(k)} {fmt(v)}" for k, v in baselines.items()) or '<span class="muted">—</span>'
 
 
+def _short(value: Any) -> str:
+    """Detail values for reading: floats to 4 significant digits, containers recursively."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        items = [_short(v) for v in value[:12]]
+        return "[" + ", ".join(items) + (", ..." if len(value) > 12 else "") + "]"
+    return str(value)
+
+
 def detail_text(detail: dict[str, Any]) -> str:
     shown = {k: v for k, v in detail.items() if k != "traceback"}
-    return ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in shown.items())
+    return ", ".join(f"{escape(str(k))}={escape(_short(v))}" for k, v in shown.items())
 
 
 def task_anchor(task: str) -> str:
