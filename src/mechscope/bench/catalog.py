@@ -12,6 +12,7 @@ import importlib
 
 CHECK_MODULES: list[str] = [
     "mechscope.bench.core_checks",
+    "mechscope.bench.toy_checks",
 ]
 
 

@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-SUBCOMMANDS = ("bench", "report", "sites")
+SUBCOMMANDS = ("bench", "report", "sites", "train")
 
 
 class UsageError(Exception):

@@ -40,6 +40,9 @@ class HookCall:
     site: Site
     batch: BatchInfo | None
     index: Tensor | None  # absolute positions [batch, n] or None
+    # positional arguments of the module call, for output sites (None at input sites):
+    # lets an intervention recompute a module's output from its input (SPD's components)
+    args: tuple | None = None
 
 
 def find_module(model: nn.Module, path: str) -> nn.Module:
@@ -182,7 +185,8 @@ def _normalise(interventions: Interventions | None) -> list[tuple[Site, Interven
     return items
 
 
-def _apply(act: Tensor, plan: list[tuple[Site, Intervention | None]], state: Run, check: bool, detach: bool) -> Tensor:
+def _apply(act: Tensor, plan: list[tuple[Site, Intervention | None]], state: Run, check: bool, detach: bool,
+           args: tuple | None = None) -> Tensor:
     """Apply every (site, intervention-or-cache) of one hook, in order."""
     for site, fn in plan:
         index = site.resolve_positions(act, state.batch)
@@ -195,7 +199,7 @@ def _apply(act: Tensor, plan: list[tuple[Site, Intervention | None]], state: Run
             # the model (ReLU(inplace=True), x += ...) would silently rewrite the cache
             state.cache[site] = stored.clone() if view is act else stored
             continue
-        new = fn(view, HookCall(site, state.batch, index))
+        new = fn(view, HookCall(site, state.batch, index, args))
         if not isinstance(new, Tensor) or new.shape != view.shape:
             raise SiteError(
                 f"the intervention at site {site} returned {_describe(new)}, but the site's view "
@@ -258,7 +262,7 @@ def _output_hook(plan, state: Run, check: bool, detach: bool, finish: Callable[[
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         site = plan[0][0]
         act = _OutputSlot.get(output, site)
-        new = _apply(act, plan, state, check, detach)
+        new = _apply(act, plan, state, check, detach, args)
         finish()
         return _OutputSlot.put(output, site, new) if changes else None
 

@@ -1,0 +1,65 @@
+"""Controls and fixed bases that every alignment method is reported beside.
+
+- :func:`random_subspace`: a random orthonormal subspace of the same size as a learnt
+  one (variables on disjoint columns, as DAS would have them). A high IIA for it means
+  the test is not selective.
+- :func:`full_vector`: the variable takes the source's *whole* activation at the site
+  (the interchange of everything there: an upper bound on what any subspace of that
+  site can carry, for one variable at a time).
+- :func:`pca_basis`: principal components of the site's activations on the bases,
+  the basis the PCA method searches in (:mod:`mechscope.causal.search`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from mechscope.causal.alignment import Alignment, AlignmentError, Place
+from mechscope.causal.counterfactual import CounterfactualData, take
+from mechscope.causal.stiefel import StiefelSubspace
+from mechscope.core.featurize import PCA, Identity
+from mechscope.core.run import cache
+from mechscope.core.site import Site
+
+
+def random_subspace(sites: Mapping[str, Site], dims: Mapping[str, int], widths: Mapping[Site, int],
+                    seed: int = 0) -> Alignment:
+    """Random orthonormal columns, ``dims[v]`` per variable, disjoint at each site (frozen)."""
+    places: dict[str, Place] = {}
+    by_site: dict[Site, list[str]] = {}
+    for v, s in sites.items():
+        by_site.setdefault(s, []).append(v)
+    for i, (site, names) in enumerate(by_site.items()):
+        total = sum(dims[v] for v in names)
+        if total > widths[site]:
+            raise AlignmentError(f"variables {names} ask for {total} dimensions at site {site}, which is "
+                                 f"{widths[site]} wide")
+        basis = StiefelSubspace(widths[site], total, seed=seed + 7919 * (i + 1), trainable=False)
+        start = 0
+        for v in names:
+            places[v] = Place(site, basis, tuple(range(start, start + dims[v])))
+            start += dims[v]
+    return Alignment(places)
+
+
+def full_vector(site: Site, variable: str, width: int) -> Alignment:
+    """``variable`` aligned to every coordinate of ``site``."""
+    return Alignment({variable: Place(site, Identity(width), None)})
+
+
+def site_width(model: nn.Module, data: CounterfactualData, site: Site) -> int:
+    """The width (last dimension) of ``site``'s view on ``data``'s inputs."""
+    with torch.no_grad():
+        return int(cache(model, take(data.base, torch.arange(1)), [site])[site].shape[-1])
+
+
+def pca_basis(model: nn.Module, data: CounterfactualData, site: Site, k: int | None = None,
+              max_rows: int = 20_000) -> PCA:
+    """PCA fitted on the site's activations over the bases of ``data`` (at most ``max_rows``)."""
+    rows = torch.arange(min(len(data), max_rows))
+    with torch.no_grad():
+        acts = cache(model, take(data.base, rows), [site])[site]
+    return PCA.fit(acts, k)

@@ -1,0 +1,163 @@
+"""Engines: the network's logits on a batch of counterfactual examples under a mixer.
+
+A *mixer* ``(variable, base_view, source_view) -> new_view`` says how a variable's source
+changes the base's activation at the variable's site (a hard feature interchange, a
+soft Boundless-DAS or DBM mask, ...). An engine runs the network on examples ``idx`` of
+a :class:`~mechscope.causal.counterfactual.CounterfactualData` with every variable mixed
+in, in the alignment's order, and returns the readout's logits ``[batch, classes]``.
+
+- :class:`FullEngine` runs the whole model for every base and source in every call,
+  through the core's hooked ``run`` (the reference; works on any model).
+- :class:`TailEngine` computes everything before the site once (the base's whole
+  activation there, every source's view) and then runs only the modules after the site
+  (:mod:`mechscope.causal.tail`): the same numbers, an order of magnitude less work.
+
+:func:`make_engine` picks the tail engine when the model allows it (``"auto"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.causal.alignment import Mixer
+from mechscope.causal.counterfactual import CounterfactualData, batch_len, take
+from mechscope.causal.tail import TailError, no_cache, output_logits, plan_tail
+from mechscope.core.run import batch_info, cache, run
+from mechscope.core.site import Site
+
+Readout = Callable[[Tensor], Tensor]  # model logits -> [batch, classes]
+log = logging.getLogger("mechscope.causal")
+
+
+def identity_readout(logits: Tensor) -> Tensor:
+    return logits
+
+
+def last_position(logits: Tensor) -> Tensor:
+    """A language model's logits at the last position ``[batch, vocab]`` (unpadded inputs)."""
+    return logits[:, -1, :]
+
+
+def _chunks(n: int, size: int) -> list[Tensor]:
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _Mix:
+    """A mixer bound to one variable and its source views, as a core intervention."""
+
+    def __init__(self, mixer: Mixer, variable: str, source: Tensor) -> None:
+        self.mixer, self.variable, self.source = mixer, variable, source
+
+    def __call__(self, view: Tensor, call: Any) -> Tensor:
+        return self.mixer(self.variable, view, self.source)
+
+
+class FullEngine:
+    """Whole-model forwards through hooks, for every base and source, in every call.
+
+    ``full_sources=True`` runs each source through the whole network (as a naive
+    implementation does); ``False`` stops each source's forward at its site.
+    """
+
+    kind = "full"
+
+    def __init__(self, model: nn.Module, data: CounterfactualData, places: Mapping[str, Site],
+                 readout: Readout = identity_readout, full_sources: bool = False) -> None:
+        self.model, self.data, self.places, self.readout = model, data, dict(places), readout
+        self.full_sources = full_sources
+        self.n = len(data)
+
+    def source_views(self, variable: str, idx: Tensor) -> Tensor:
+        site = self.places[variable]
+        with torch.no_grad():
+            _, acts = run(self.model, take(self.data.sources[variable], idx), cache=[site],
+                          stop_when_cached=not self.full_sources)
+        return acts[site]
+
+    def base_views(self, site: Site, idx: Tensor) -> Tensor:
+        with torch.no_grad():
+            return cache(self.model, take(self.data.base, idx), [site])[site]
+
+    def logits(self, idx: Tensor, mixer: Mixer) -> Tensor:
+        interventions = [(self.places[v], _Mix(mixer, v, self.source_views(v, idx))) for v in self.places]
+        out, _ = run(self.model, take(self.data.base, idx), interventions)
+        return self.readout(output_logits(out))
+
+
+class TailEngine:
+    """Precomputed activations up to the site; only the modules after it run per call.
+
+    Every variable's site must be at the same module (same path, io and element); they
+    may select different positions there.
+    """
+
+    kind = "tail"
+
+    def __init__(self, model: nn.Module, data: CounterfactualData, places: Mapping[str, Site],
+                 readout: Readout = identity_readout, chunk: int = 4096) -> None:
+        self.model, self.data, self.places, self.readout = model, data, dict(places), readout
+        self.n = len(data)
+        keys = {s.module_key for s in self.places.values()}
+        if len(keys) != 1:
+            raise TailError(f"the variables' sites are at {len(keys)} different modules {sorted(map(str, keys))}; "
+                            "the tail engine needs them at one module")
+        path, io, element = keys.pop()
+        self.anchor_site = Site(path, io, element)
+        example = take(data.base, torch.arange(min(4, self.n)))
+        self.plan = plan_tail(model, self.anchor_site, example)
+        self.state = self.plan.precompute(data.base)
+        anchor = self.state.anchor  # [n, ...]
+        info = batch_info(data.base)
+        self.index = {s: s.resolve_positions(anchor, info) for s in set(self.places.values())}
+        self.sources = {v: self._source_views(v, chunk) for v in self.places}
+
+    def _source_views(self, variable: str, chunk: int) -> Tensor:
+        site, inputs = self.places[variable], self.data.sources[variable]
+        with torch.no_grad():
+            parts = [cache(self.model, no_cache(self.model, take(inputs, i)), [site])[site]
+                     for i in _chunks(batch_len(inputs), chunk)]
+        return torch.cat(parts)
+
+    def source_views(self, variable: str, idx: Tensor) -> Tensor:
+        return self.sources[variable].index_select(0, idx)
+
+    def base_views(self, site: Site, idx: Tensor) -> Tensor:
+        index = self.index[site] if site in self.index else site.resolve_positions(self.state.anchor, batch_info(self.data.base))
+        return site.select(self.state.anchor.index_select(0, idx), None if index is None else index[idx])
+
+    @property
+    def base_logits(self) -> Tensor:
+        """The model's own readout on every base, from the precompute run."""
+        return self.readout(self.state.logits)
+
+    def logits(self, idx: Tensor, mixer: Mixer) -> Tensor:
+        act = self.state.anchor.index_select(0, idx)  # index_select: ~4x faster than act[idx] on CPU
+        for v, site in self.places.items():
+            index = self.index[site]
+            index = None if index is None else index.index_select(0, idx)
+            view = site.select(act, index)
+            act = site.scatter(act, index, mixer(v, view, self.sources[v].index_select(0, idx)))
+        return self.readout(self.state.replay(act, idx))
+
+
+Engine = FullEngine | TailEngine
+
+
+def make_engine(model: nn.Module, data: CounterfactualData, places: Mapping[str, Site],
+                readout: Readout = identity_readout, kind: str = "auto") -> Engine:
+    """``"tail"`` (error if impossible), ``"full"``, or ``"auto"`` (tail, else full, logged)."""
+    if kind not in ("auto", "tail", "full"):
+        raise ValueError(f"engine must be 'auto', 'tail' or 'full', got {kind!r}")
+    if kind == "full":
+        return FullEngine(model, data, places, readout)
+    try:
+        return TailEngine(model, data, places, readout)
+    except TailError as e:
+        if kind == "tail":
+            raise
+        log.info("running full forwards for every step: %s", e)
+        return FullEngine(model, data, places, readout)

@@ -1,0 +1,9 @@
+"""Probes: what is linearly decodable at a site, beside the controls that keep it honest.
+
+- :mod:`~mechscope.probe.linear` — L2 logistic-regression probes, penalty chosen on validation;
+- :mod:`~mechscope.probe.control` — control tasks (random labels per input type), selectivity,
+  shuffled labels;
+- :mod:`~mechscope.probe.mdl` — the online code (minimum description length) probe, in bits;
+- :mod:`~mechscope.probe.sparse` — k-sparse probes with several neuron rankings;
+- :mod:`~mechscope.probe.collect` — activations at a site of a model, one row per example.
+"""

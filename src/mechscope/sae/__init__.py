@@ -1,0 +1,46 @@
+"""Sparse dictionaries: sparse autoencoders and transcoders.
+
+- :mod:`~mechscope.sae.arch`: :class:`SAEConfig`, :class:`SAE` (relu, topk, batchtopk,
+  jumprelu, matryoshka; autoencoders, transcoders, skip transcoders), folding;
+- :mod:`~mechscope.sae.train`: :class:`TrainConfig`, :class:`Trainer`, :func:`train`;
+- :mod:`~mechscope.sae.data`: training data from an activation store or a live model;
+- :mod:`~mechscope.sae.evals` / :mod:`~mechscope.sae.splice`: metrics with fixed definitions;
+- :mod:`~mechscope.sae.featurizer`: an SAE as a featurizer, for interchange interventions;
+- :mod:`~mechscope.sae.saelens` / :mod:`~mechscope.sae.io`: the SAELens on-disk layout, our own;
+- :mod:`~mechscope.sae.pages`: static HTML feature pages;
+- :mod:`~mechscope.sae.ddp`: data-parallel training under torchrun.
+
+Submodules are imported on first use, so ``import mechscope.sae`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(["SAE", "SAEConfig", "SAEError", "fold_scale", "fold_decoder_norm", "to_jumprelu"],
+                    "mechscope.sae.arch"),
+    **dict.fromkeys(["TrainConfig", "Trainer", "TrainResult", "train"], "mechscope.sae.train"),
+    **dict.fromkeys(["train_many", "live_activations", "store_batches"], "mechscope.sae.data"),
+    **dict.fromkeys(["evaluate", "mmcs", "matched_correlation", "recovered_fraction", "density_histogram"],
+                    "mechscope.sae.evals"),
+    **dict.fromkeys(["ce_loss_recovered"], "mechscope.sae.splice"),
+    "SAEFeaturizer": "mechscope.sae.featurizer",
+    **dict.fromkeys(["save_saelens", "load_saelens"], "mechscope.sae.saelens"),
+    **dict.fromkeys(["save_sae", "load_sae"], "mechscope.sae.io"),
+    "feature_pages": "mechscope.sae.pages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mechscope.sae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,0 +1,144 @@
+"""Data-parallel training across processes: ``torchrun --nproc-per-node N ...``.
+
+Every process holds a full copy of the dictionary and trains on its own share of the
+data; after each backward the gradients are averaged with one all-reduce of a flat
+buffer (what ``DistributedDataParallel`` does with its buckets; done by hand here because
+a step is a few custom sparse kernels rather than one ``forward``). Everything else a
+step decides from the data is agreed on across processes too, so the copies never
+drift: the normalisation scale and initial biases (averaged), which latents fired
+(any process), the BatchTopK threshold sample (minimum), resampled latents (chosen on
+process 0 and broadcast). Only process 0 writes checkpoints and logs.
+
+On CPU the backend is ``gloo``; on GPUs ``nccl``. A single process uses :class:`Comm`,
+whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Comm:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        pass
+
+    def mean_(self, t: Tensor) -> Tensor:
+        return t
+
+    def sum_(self, t: Tensor) -> Tensor:
+        return t
+
+    def min_(self, t: Tensor) -> Tensor:
+        return t
+
+    def any_(self, mask: Tensor) -> Tensor:
+        return mask
+
+    def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+
+class DistComm(Comm):
+    """Collectives over the default ``torch.distributed`` process group."""
+
+    def __init__(self) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistComm needs an initialised process group; call init_distributed() "
+                               "under torchrun first (or use Comm() for one process)")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def average_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket: one collective per step
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def mean_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t)
+        return t.div_(self.world_size)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def min_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def any_(self, mask: Tensor) -> Tensor:
+        as_int = mask.to(torch.int32)
+        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+        return as_int.bool()
+
+    def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
+        dist.broadcast(t, src)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by ``torchrun`` (it sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None) -> Comm:
+    """Join the process group torchrun set up and return its :class:`DistComm`.
+
+    Outside torchrun (one process) returns a :class:`Comm`. ``backend`` defaults to
+    ``nccl`` when CUDA is available and ``gloo`` otherwise.
+    """
+    if not launched_by_torchrun():
+        return Comm()
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    return DistComm()
+
+
+def shard(batches: Iterable, comm: Comm) -> Iterable:
+    """Every ``world_size``-th item of ``batches``, starting at this process's rank."""
+    for i, item in enumerate(batches):
+        if i % comm.world_size == comm.rank:
+            yield item
+
+
+def split_rows(batch: Tensor, comm: Comm) -> Tensor:
+    """This process's contiguous share of a global batch ``[B, ...]`` (B divisible by the world size)."""
+    if batch.shape[0] % comm.world_size:
+        raise ValueError(f"a global batch of {batch.shape[0]} rows does not split evenly over "
+                         f"{comm.world_size} processes; use a batch size divisible by the world size")
+    n = batch.shape[0] // comm.world_size
+    return batch[comm.rank * n:(comm.rank + 1) * n]
+
+
+def finish(comm: Comm) -> None:
+    """Leave the process group (no-op for one process)."""
+    if isinstance(comm, DistComm) and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""Files of a decomposition: the decomposition itself and the resumable training state.
+
+Both are written atomically with checksums by :mod:`mechscope.core.checkpoint`. Each
+records the SHA-256 fingerprint of the target it was trained on; loading one onto another
+target is an error that says so (a decomposition only means something for its target).
+
+- ``save_decomposition`` / ``load_decomposition``: subcomponents and importance
+  functions, with the config and the layer shapes in the metadata.
+- ``save_training_state`` / ``load_training_state``: the same plus the optimiser's
+  moments, the random generators' states, the step and the history, so that a killed
+  run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mechscope.core.checkpoint import CheckpointError, checkpoint_error, load_tensors, save_tensors
+from mechscope.spd.components import SPDError
+from mechscope.spd.config import SPDConfig
+from mechscope.spd.decomposition import Decomposition, target_fingerprint
+
+DECOMPOSITION = "spd_decomposition"
+TRAINING_STATE = "spd_training_state"
+
+
+def _check_target(path: Path, meta: dict[str, Any], model: nn.Module) -> None:
+    found = target_fingerprint(model)
+    saved = meta.get("target_fingerprint")
+    if saved != found:
+        raise checkpoint_error(
+            path, f"is a decomposition of another target (its target fingerprint is {str(saved)[:12]}..., this "
+            f"model's is {found[:12]}...)", "Load it onto the model it was trained on, or decompose this model "
+            "with `mechscope spd train`")
+
+
+def save_decomposition(path: str | Path, dec: Decomposition, extra: dict[str, Any] | None = None) -> None:
+    """Write the decomposition (subcomponents, importance functions, config) atomically."""
+    save_tensors(path, dec.state_dict(), {"kind": DECOMPOSITION, **dec.describe(), "extra": extra or {}})
+
+
+def _read(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    tensors, meta = load_tensors(path)
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        raise checkpoint_error(path, f"is not an SPD {kind.removeprefix('spd_').replace('_', ' ')} (it holds "
+                               f"{found or 'plain tensors'})", "Give the file that `mechscope spd train` wrote")
+    return tensors, meta
+
+
+def load_decomposition(path: str | Path, model: nn.Module, example_inputs: Any = None) -> Decomposition:
+    """Rebuild a decomposition of ``model`` from ``path``; refuses one made for another target."""
+    tensors, meta = _read(path, DECOMPOSITION)
+    _check_target(Path(path), meta, model)
+    dec = Decomposition(model, SPDConfig.from_dict(meta["config"]), example_inputs)
+    _load_state(Path(path), dec, tensors)
+    return dec
+
+
+def read_extra(path: str | Path) -> dict[str, Any]:
+    """The ``extra`` metadata saved with a decomposition (evaluation results, recipe)."""
+    return _read(path, DECOMPOSITION)[1].get("extra", {})
+
+
+def _load_state(path: Path, dec: Decomposition, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        dec.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise checkpoint_error(path, f"does not fit the decomposition its config describes ({e})",
+                               "Retrain the decomposition") from None
+
+
+def save_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int,
+                        generators: dict[str, torch.Generator], history: list[dict[str, Any]]) -> None:
+    """Everything needed to resume training after ``step`` completed steps."""
+    tensors = {f"dec.{k}": v for k, v in dec.state_dict().items()}
+    state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    for name, gen in generators.items():
+        tensors[f"gen.{name}"] = gen.get_state()
+    meta = {"kind": TRAINING_STATE, **dec.describe(), "step": step, "history": history,
+            "param_groups": state["param_groups"], "opt_scalars": scalars}
+    save_tensors(path, tensors, meta)
+
+
+def load_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.Optimizer,
+                        generators: dict[str, torch.Generator]) -> tuple[int, list[dict[str, Any]]]:
+    """Restore ``dec``, ``opt`` and ``generators`` from ``path``; returns (step, history)."""
+    path = Path(path)
+    tensors, meta = _read(path, TRAINING_STATE)
+    _check_target(path, meta, dec.model)
+    saved = SPDConfig.from_dict(meta["config"])
+    ignore = {"steps", "log_every", "checkpoint_every"}
+    diffs = [k for k in SPDConfig.field_names() if k not in ignore and getattr(saved, k) != getattr(dec.cfg, k)]
+    if diffs:
+        raise checkpoint_error(path, f"was written by a run with a different config ({', '.join(diffs)} differ)",
+                               "Resume with the same settings, or start afresh in another directory")
+    _load_state(path, dec, {k[4:]: v for k, v in tensors.items() if k.startswith("dec.")})
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            slots.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("opt_scalars", {}).items():
+        slots.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    for name, gen in generators.items():
+        if f"gen.{name}" not in tensors:
+            raise CheckpointError(f"{path}: no state for random generator {name!r}; start afresh")
+        gen.set_state(tensors[f"gen.{name}"])
+    return int(meta["step"]), list(meta.get("history", []))
+
+
+__all__ = ["SPDError", "save_decomposition", "load_decomposition", "read_extra", "save_training_state",
+           "load_training_state"]

@@ -1,0 +1,65 @@
+"""Hard sigmoids and stochastic masks: how causal importances become masks.
+
+A causal-importance function outputs a pre-activation ``z``; SPD squashes it with a hard
+sigmoid ``σ_H(z) = clamp(z, 0, 1)``. Two leaky versions keep gradients alive where the
+clamp would kill them:
+
+- *lower-leaky* (slope ``alpha`` below 0) for the masks, so that a wrongly-zero importance
+  still learns from the reconstruction losses;
+- *upper-leaky* (slope ``alpha`` above 1) for the importance-minimality penalty, so that an
+  importance stuck above 1 is still pushed down.
+
+A stochastic mask keeps an important subcomponent and randomly scales an unimportant
+one anywhere in [0, 1]: ``m = g + (1 - g) r`` with ``r ~ U(0, 1)`` (``continuous``) or
+``r ∈ {0, 1}`` with probability 1/2 (``binomial``), independently per example, position and
+subcomponent. Gradients reach ``g`` through ``m`` (the reparametrisation).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MaskKind = Literal["continuous", "binomial"]
+LEAK = 0.01  # the slope of the leaky parts, as in the paper
+
+
+def hard_sigmoid(z: Tensor) -> Tensor:
+    """``clamp(z, 0, 1)``: the importance used for evaluation."""
+    return z.clamp(0.0, 1.0)
+
+
+def lower_leaky_hard_sigmoid(z: Tensor, alpha: float = LEAK) -> Tensor:
+    """``alpha * z`` below 0, ``min(z, 1)`` above: the importance inside the masks."""
+    return torch.where(z > 0, z.clamp(max=1.0), alpha * z)
+
+
+def upper_leaky_hard_sigmoid(z: Tensor, alpha: float = LEAK) -> Tensor:
+    """``max(z, 0)`` up to 1, ``1 + alpha (z - 1)`` above: the importance that is penalised."""
+    return torch.where(z > 1, 1.0 + alpha * (z - 1.0), z.clamp(min=0.0))
+
+
+def stochastic_source(like: Tensor, kind: MaskKind, generator: torch.Generator | None = None) -> Tensor:
+    """The random ``r`` of a mask, shaped like ``like`` (U(0, 1) or fair coin flips)."""
+    if kind == "continuous":
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if kind == "binomial":
+        return torch.randint(0, 2, like.shape, generator=generator, device=like.device).to(like.dtype)
+    raise ValueError(f"unknown mask kind {kind!r}; expected 'continuous' or 'binomial'")
+
+
+def stochastic_mask(g: Tensor, kind: MaskKind = "continuous", generator: torch.Generator | None = None) -> Tensor:
+    """``m = g + (1 - g) r``: keeps what is important, randomly scales what is not."""
+    r = stochastic_source(g, kind, generator)
+    return g + (1.0 - g) * r
+
+
+def delta_mask(batch_shape: torch.Size | tuple[int, ...], kind: MaskKind = "continuous",
+               generator: torch.Generator | None = None, like: Tensor | None = None) -> Tensor:
+    """The random scale of the delta component ``W - UV`` per example (and position)."""
+    dtype = like.dtype if like is not None else torch.float32
+    device = like.device if like is not None else None
+    proto = torch.empty(tuple(batch_shape), dtype=dtype, device=device)
+    return stochastic_source(proto, kind, generator)

@@ -1,0 +1,89 @@
+"""The permanent form of directional ablation: orthogonalise the weights that write to the
+residual stream (Arditi et al. 2024, arXiv 2406.11717).
+
+For a unit direction r, every matrix that writes to the residual stream is replaced by
+``(I - r r^T) W`` (and its bias by ``(I - r r^T) b``): token and position embeddings
+(their rows), attention output projections and MLP down projections, as found by
+:func:`mechscope.steer.apply.residual_writers`. The edited model then computes exactly
+what the hook form (:func:`mechscope.steer.apply.ablate`) computes, with no hooks.
+
+Tied weights: when the token embedding shares its matrix with the unembedding (GPT-2),
+the edited embedding gets its own copy, so the unembedding is left as it was (the hook
+form does not touch the unembedding either). Hugging Face's ``tie_weights()`` would tie
+them again, so save the edited model with ``tie_word_embeddings=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.core.models import structure
+from mechscope.core.run import find_module
+from mechscope.steer.apply import SteeringError, as_direction, residual_writers
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
+
+
+def _shared(model: nn.Module, weight: Tensor, owner: nn.Module) -> bool:
+    return any(p is weight for name, m in model.named_modules() if m is not owner
+               for p in m.parameters(recurse=False))
+
+
+@torch.no_grad()
+def _project_rows(w: Tensor, r: Tensor) -> None:  # w [rows, d] <- w - (w r) r^T
+    w -= (w @ r)[:, None] * r[None, :]
+
+
+@torch.no_grad()
+def _project_cols(w: Tensor, r: Tensor) -> None:  # w [d, cols] <- w - r (r^T w)
+    w -= r[:, None] * (r @ w)[None, :]
+
+
+def orthogonalize_weights(model: nn.Module, direction: Any, inplace: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with ``direction`` removed from every residual write."""
+    v = as_direction(direction, "ablation direction")
+    d_model = structure(model).d_model
+    if d_model and v.shape[0] != d_model:
+        raise SteeringError(f"the direction has dimension {v.shape[0]} but the residual stream has width {d_model}")
+    paths = residual_writers(model)  # on the original, so structure detection is not redone on the copy
+    target = model if inplace else copy.deepcopy(model)
+    for path in paths:
+        m = find_module(target, path)
+        r = (v / v.norm()).to(m.weight.device, torch.float64)
+        if isinstance(m, nn.Embedding):
+            if _shared(target, m.weight, m):
+                m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+            _edit(m.weight, r, rows=True)
+        elif isinstance(m, nn.Linear):
+            _edit(m.weight, r, rows=False)
+            if m.bias is not None:
+                _edit_bias(m.bias, r)
+        elif _is_conv1d(m):
+            _edit(m.weight, r, rows=True)
+            if getattr(m, "bias", None) is not None:
+                _edit_bias(m.bias, r)
+        else:
+            raise SteeringError(f"cannot orthogonalise {path!r} ({type(m).__name__}): only nn.Embedding, nn.Linear "
+                                "and Conv1D writers are supported; use the hook form steer.apply.ablate instead")
+    return target
+
+
+@torch.no_grad()
+def _edit(weight: Tensor, r: Tensor, rows: bool) -> None:
+    """In float64, then cast back: one rounding instead of one per product."""
+    w = weight.detach().double()
+    _project_rows(w, r) if rows else _project_cols(w, r)
+    weight.copy_(w.to(weight.dtype))
+
+
+@torch.no_grad()
+def _edit_bias(bias: Tensor, r: Tensor) -> None:
+    b = bias.detach().double()
+    bias.copy_((b - (b @ r) * r).to(bias.dtype))

@@ -1,0 +1,165 @@
+"""Training: every architecture recovers known features, the JumpReLU traps are avoided,
+dead latents are tracked by tokens and revived, transcoders learn known maps,
+checkpoints resume exactly, and bad input is a clear error."""
+
+import pytest
+import torch
+
+from mechscope.core.checkpoint import CheckpointError
+from mechscope.core.config import ConfigError
+from mechscope.sae.arch import SAEConfig, SAEError
+from mechscope.sae.evals import evaluate, mmcs, recovered_fraction
+from mechscope.sae.train import TrainConfig, Trainer, lr_factor, recipe, train
+from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeatures
+
+WORLD = SyntheticFeatures(SyntheticConfig(d=32, n_features=64, expected_l0=3))
+
+
+def _fit(arch, steps=300, **kw):
+    cfg = TrainConfig(steps=steps, batch_size=1024, lr=3e-3, progress=False, dead_tokens=50_000, **kw)
+    return train(SAEConfig(d_in=32, d_sae=128, arch=arch, k=3), cfg, WORLD.batches(1024, seed=1))
+
+
+def test_topk_with_auxk_recovers_the_known_features():
+    res = _fit("topk")
+    assert mmcs(WORLD.features, res.sae.W_dec) >= 0.95
+    assert recovered_fraction(WORLD.features, res.sae.W_dec) >= 0.9
+    assert res.history[-1]["l0"] <= 3
+    # the exported dictionary takes raw activations: its FVU on fresh data matches training's
+    ev = evaluate(res.sae, WORLD.batches(1024, seed=9, n_batches=3))
+    assert ev["fvu"] == pytest.approx(res.history[-1]["fvu"], abs=0.05)
+
+
+@pytest.mark.parametrize("arch,kw", [("relu", {}), ("batchtopk", {}), ("matryoshka", {}), ("jumprelu", {})])
+def test_every_architecture_learns_the_features(arch, kw):
+    res = _fit(arch, **kw)
+    assert mmcs(WORLD.features, res.sae.W_dec) >= 0.9, arch
+
+
+def test_jumprelu_threshold_moves_and_l0_falls():
+    """Spec §1.4 traps: θ is trained directly in fp32 at the paper's lr, and L0 falls."""
+    trainer = Trainer(SAEConfig(d_in=32, d_sae=128, arch="jumprelu", k=3), TrainConfig(steps=200, batch_size=1024))
+    assert trainer.recipe.lr == 7e-5 and trainer.recipe.betas == (0.0, 0.999)
+    theta0 = trainer.sae.threshold.detach().clone()
+    l0 = [trainer.step(x).l0 for x in WORLD.batches(1024, seed=1, n_batches=200)]
+    assert trainer.sae.threshold.dtype == torch.float32
+    moved = float((trainer.sae.threshold.detach() - theta0).abs().mean())
+    # a log-θ parameter would move θ by about θ·lr per step: 0.001 * 7e-5 * 200 = 1.4e-5 in total
+    assert moved > 100 * 0.001 * 7e-5 * 200
+    assert sum(l0[-10:]) / 10 < 0.9 * sum(l0[:10]) / 10
+
+
+def test_batchtopk_threshold_keeps_l0_at_inference():
+    res = _fit("batchtopk")
+    assert res.sae.cfg.arch == "jumprelu"  # exported with its global threshold
+    ev = evaluate(res.sae, WORLD.batches(1024, seed=5, n_batches=4))
+    assert abs(ev["l0"] - 3) / 3 < 0.25
+
+
+def test_dead_latents_are_counted_in_tokens():
+    cfg = TrainConfig(steps=10, batch_size=100, dead_tokens=450, lr=1e-4)
+    trainer = Trainer(SAEConfig(d_in=32, d_sae=128, k=3), cfg)
+    with torch.no_grad():
+        trainer.sae.b_enc[7] = -1e4  # latent 7 can never be among the top k
+    batches = WORLD.batches(100, seed=2)
+    for step in range(1, 6):
+        trainer.step(next(batches))
+        assert int(trainer.since_fired[7]) == 100 * step
+        assert (trainer.dead_fraction() > 0) == (100 * step >= 450)
+
+
+def test_resampling_revives_dead_latents():
+    cfg = TrainConfig(steps=60, batch_size=512, dead_fix="resample", resample_every=20, dead_tokens=2048,
+                      resample_warmup_steps=5, lr=1e-3)
+    trainer = Trainer(SAEConfig(d_in=32, d_sae=128, arch="relu"), cfg)
+    killed = torch.arange(0, 128, 4)
+    with torch.no_grad():
+        trainer.sae.b_enc[killed] = -100.0
+    before = trainer.sae.W_dec[killed].clone()
+    for x in WORLD.batches(512, seed=3, n_batches=20):
+        trainer.step(x)
+    assert trainer.rewarm_from == 20
+    assert torch.all(trainer.sae.b_enc[killed] == 0)
+    assert not torch.allclose(trainer.sae.W_dec[killed], before)
+    assert torch.all(trainer.opt.state[trainer.sae.b_enc]["exp_avg"][killed] == 0)
+    fired = torch.zeros(128, dtype=torch.bool)
+    for x in WORLD.batches(512, seed=4, n_batches=5):
+        fired |= trainer.step(x).fired
+    assert fired[killed].float().mean() > 0.5
+
+
+def test_unit_norm_decoder_is_kept_and_recipes_differ_by_architecture():
+    res = _fit("topk", steps=20)
+    assert torch.allclose(res.trainer.sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
+    relu = recipe(SAEConfig(d_in=32, d_sae=128, arch="relu"), TrainConfig())
+    assert (relu.normalize, relu.decay_fraction, relu.grad_clip, relu.unit_norm_decoder) == ("sqrt_d", 0.2, 1.0, False)
+    topk = recipe(SAEConfig(d_in=32, d_sae=2 ** 14), TrainConfig())
+    assert (topk.lr, topk.dead_fix, topk.aux_k, topk.normalize) == (2e-4, "auxk", 16, "unit")
+
+
+def test_learning_rate_schedule():
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, 0.2) == 1.0
+    assert lr_factor(90, 100, 0, 0.2) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, 0.2) == pytest.approx(0.05)
+
+
+def test_transcoders_learn_known_maps():
+    gen = torch.Generator().manual_seed(0)
+    out_dirs = torch.nn.functional.normalize(torch.randn(64, 16, generator=gen), dim=1)  # [n_features, d_out]
+
+    def pairs(seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            _, codes = WORLD.sample(1024, g)
+            yield codes @ WORLD.features, codes @ out_dirs  # same sparse causes, other directions
+
+    cfg = TrainConfig(steps=300, batch_size=1024, lr=3e-3, progress=False)
+    res = train(SAEConfig(d_in=32, d_sae=128, kind="transcoder", d_out=16, k=3), cfg, pairs(1))
+    ev = evaluate(res.sae, (b for _, b in zip(range(3), pairs(7))))
+    assert ev["fvu"] < 0.2 and mmcs(out_dirs, res.sae.W_dec) > 0.9
+    # a dense linear target: two latents per token cannot carry it, the skip term can
+    A = torch.randn(16, 32, generator=gen) / 32 ** 0.5
+    fvu = {}
+    for kind in ("skip_transcoder", "transcoder"):
+        lin = ((x, x @ A.T) for x in WORLD.batches(1024, seed=2))
+        res = train(SAEConfig(d_in=32, d_sae=64, kind=kind, d_out=16, k=2), cfg.replace(steps=200), lin)
+        fvu[kind] = evaluate(res.sae, ((x, x @ A.T) for x in WORLD.batches(1024, seed=7, n_batches=2)))["fvu"]
+    assert fvu["skip_transcoder"] < 0.05 and fvu["transcoder"] > 3 * fvu["skip_transcoder"]
+
+
+def test_checkpoints_resume_exactly(tmp_path):
+    sae_cfg = SAEConfig(d_in=32, d_sae=128, arch="topk", k=3)
+    cfg = TrainConfig(steps=30, batch_size=256, lr=1e-3, dead_tokens=2000, progress=False)
+    straight = train(sae_cfg, cfg, WORLD.batches(256, seed=1))
+    first = train(sae_cfg, cfg.replace(steps=15, checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
+    assert first.trainer.step_count == 15 and (tmp_path / "trainer.safetensors").exists()
+    resumed = train(sae_cfg, cfg.replace(checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
+    assert resumed.trainer.step_count == 30
+    for k, v in straight.trainer.sae.state_dict().items():
+        assert torch.equal(v, resumed.trainer.sae.state_dict()[k]), k
+    assert torch.equal(straight.trainer.since_fired, resumed.trainer.since_fired)
+    with pytest.raises(CheckpointError, match="lr: saved 0.001, expected 0.002"):
+        train(sae_cfg, cfg.replace(lr=2e-3, checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
+
+
+def test_bad_training_input_is_a_clear_error():
+    trainer = Trainer(SAEConfig(d_in=32, d_sae=64, k=3), TrainConfig(steps=5, batch_size=8))
+    with pytest.raises(SAEError, match=r"rows \[batch, d_in=32\], got \[8, 31\]"):
+        trainer.step(torch.randn(8, 31))
+    bad = torch.randn(8, 32)
+    bad[0, 0] = float("nan")
+    with pytest.raises(SAEError, match="NaN or inf"):
+        trainer.step(bad)
+    with pytest.raises(SAEError, match="all zeros"):
+        trainer.step(torch.zeros(8, 32))
+    tc = Trainer(SAEConfig(d_in=32, d_sae=64, kind="transcoder", d_out=4, k=3), TrainConfig(batch_size=8))
+    with pytest.raises(SAEError, match="give \\(x, y\\) batches"):
+        tc.step(torch.randn(8, 32))
+    with pytest.raises(SAEError, match="data ran out after 2 steps"):
+        train(SAEConfig(d_in=32, d_sae=64, k=3), TrainConfig(steps=5, batch_size=8, progress=False),
+              WORLD.batches(8, n_batches=2))
+    with pytest.raises(ConfigError, match="dead_fix='auxk' needs a topk-family"):
+        Trainer(SAEConfig(d_in=32, d_sae=64, arch="relu"), TrainConfig(dead_fix="auxk"))
+    with pytest.raises(SAEError, match="has not seen any data"):
+        trainer.export()
