@@ -40,13 +40,18 @@ def to_inputs(values) -> torch.Tensor:  # [n, 2]
     return torch.stack([values["A"], values["B"]], dim=-1).float()
 
 
-def network() -> MLP:
-    """hidden = R x + offset (>= 0, so the ReLU is the identity); logits = [0, SCALE (x0 + x1 - 1.5)]."""
+def network(q_scale: float = 1.0) -> MLP:
+    """hidden = R diag(1, q_scale) x + offset (>= 0: the ReLU is the identity); logits = [0, SCALE (x0 + x1 - 1.5)].
+
+    ``q_scale != 1`` gives Q more variance than P along its direction, so that principal
+    components find the two directions (with equal variances any rotation is a PCA basis).
+    """
     net = MLP((2, 2, 2))
+    stretch = torch.tensor([1.0, q_scale])
     with torch.no_grad():
-        net.layers[0].weight.copy_(R)  # h = R x + c, i.e. x = Rᵀ (h - c)
+        net.layers[0].weight.copy_(R * stretch)  # h = R D x + c, i.e. x = D⁻¹ Rᵀ (h - c)
         net.layers[0].bias.copy_(OFFSET)
-        w = SCALE * R.sum(1)  # x0 + x1 = 1ᵀ Rᵀ (h - c) = (R 1)ᵀ (h - c)
+        w = SCALE * R @ (1 / stretch)  # x0 + x1 = (1/D)ᵀ Rᵀ (h - c) = (R D⁻¹ 1)ᵀ (h - c)
         net.readout.weight.copy_(torch.stack([torch.zeros(2), w]))
         net.readout.bias.copy_(torch.tensor([0.0, -float(w @ OFFSET) - 1.5 * SCALE]))
     return net.eval()

@@ -25,16 +25,16 @@ from mechscope.causal.das import FitConfig
 HE = "hierarchical_equality"
 HE_LAYER, HE_DIMS = 0, 8
 _PLOT_ORDER = ("das", "rotation", "boundless", "dbm", "neurons", "pca", "random_subspace", "full_vector")
+_STYLE = {"rotation": dict(ls="--", marker="x"), "random_subspace": dict(ls=":"), "full_vector": dict(ls=":")}
 
 
 def _he_settings(full: bool) -> dict[str, Any]:
+    methods = ("das", "rotation", "boundless", "dbm", "neurons", "pca")
     if full:
-        return dict(n_train=50_000, n_test=4000, fit=FitConfig(epochs=20), search=SearchSettings(n=1000, sizes=tuple(range(1, 9))),
-                    layers=(0, 1, 2), methods_first=("das", "rotation", "boundless", "dbm", "neurons", "pca"),
-                    methods_other=("das", "rotation", "boundless", "dbm", "neurons", "pca"))
-    return dict(n_train=10_000, n_test=1000, fit=FitConfig(epochs=10), search=SearchSettings(n=200, sizes=(1, 2, 4, 8)),
-                layers=(0, 1, 2), methods_first=("das", "rotation", "boundless", "dbm", "neurons", "pca"),
-                methods_other=("das", "neurons"))
+        return dict(n_train=50_000, n_test=4000, fit=FitConfig(epochs=20), methods=methods,
+                    search=SearchSettings(n=1000, sizes=tuple(range(1, 9))), layers=(0, 1, 2))
+    return dict(n_train=10_000, n_test=1000, fit=FitConfig(epochs=10), methods=methods,
+                search=SearchSettings(n=200, sizes=(1, 2, 4, 8)), layers=(0, 1, 2))
 
 
 @functools.lru_cache(maxsize=2)
@@ -54,8 +54,7 @@ def hierarchical_equality(seed: int, full: bool) -> dict[str, Any]:
     fit = s["fit"].replace(seed=seed)
     layers = {}
     for layer in s["layers"]:
-        methods = s["methods_first"] if layer == HE_LAYER else s["methods_other"]
-        layers[layer] = compare(model, train, tests, task.site(layer), task.VARIABLES, HE_DIMS, methods,
+        layers[layer] = compare(model, train, tests, task.site(layer), task.VARIABLES, HE_DIMS, s["methods"],
                                 fit=fit, search=s["search"])
     return {"accuracy": accuracy, "layers": layers, "tests": list(tests), "setting": "full" if full else "reduced",
             "n_train": 3 * s["n_train"], "n_test": s["n_test"]}
@@ -63,14 +62,16 @@ def hierarchical_equality(seed: int, full: bool) -> dict[str, Any]:
 
 def _he_figure(ctx: Any, res: dict[str, Any]) -> None:
     with ctx.figure("iia_per_layer", caption="Hierarchical equality: IIA (mean over the WX, YZ and both test sets; "
-                    "full vector: WX and YZ) per hidden layer for every method, 8 dimensions per variable. "
+                    "full vector: WX and YZ) per hidden layer for every method, 8 dimensions per variable "
+                    "(8 + 8 fill the 16-unit layer, so DAS and the full rotation coincide). "
                     "Dashed: DAS threshold 0.95 and neuron ceiling 0.80.") as fig:
         ax = fig.add_subplot()
         layers = sorted(res["layers"])
         for method in _PLOT_ORDER:
             xs = [l for l in layers if method in res["layers"][l]]
             if xs:
-                ax.plot(xs, [res["layers"][l][method].mean() for l in xs], marker="o", label=method)
+                style = {"marker": "o", **_STYLE.get(method, {})}
+                ax.plot(xs, [res["layers"][l][method].mean() for l in xs], label=method, **style)
         ax.axhline(0.95, ls="--", c="g", lw=0.8)
         ax.axhline(0.80, ls="--", c="r", lw=0.8)
         ax.set_xlabel("hidden layer")
@@ -149,3 +150,85 @@ _info_check("rotation", "full 16-d rotation, 8 coordinates per variable, hidden 
 _info_check("pca", "best alignment to principal components (search as for neurons), hidden layer 0 (reported)")
 _info_check("boundless", "Boundless DAS (learned boundary) per variable, hidden layer 0 (reported)")
 _info_check("dbm", "differentiable binary masking over neurons, hidden layer 0 (reported)")
+
+
+# -- price tagging ------------------------------------------------------------------------
+PT = "price_tagging"
+
+
+@functools.lru_cache(maxsize=2)
+def price_tagging(seed: int, full: bool) -> dict[str, Any]:
+    """Boundless DAS for L (and, with --full, R) at every layer and position of the residual stream."""
+    from mechscope.causal.baselines import random_subspace
+    from mechscope.causal.boundless import boundless_das
+    from mechscope.causal.iia import iia
+    from mechscope.tasks import price_tagging as task
+
+    if full:
+        model, metrics = task.train(task.TrainConfig(seed=seed), log=lambda *a: None)
+    else:
+        model = task.load_model()
+    n_train, n_test = (20_000, 4000) if full else (5000, 1000)
+    fit = FitConfig(epochs=20 if full else 10, batch_size=256, seed=seed)
+    grid: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+    for variable in (("L", "R") if full else ("L",)):
+        train = task.counterfactuals(n_train, seed * 1000 + 1, variable)
+        test = task.counterfactuals(n_test, seed * 1000 + 2, variable)
+        grid[variable] = {}
+        for layer in range(task.MODEL.n_layers):
+            for pos in range(task.SEQ):
+                site = task.site(layer, pos)
+                al, res = boundless_das(model, train, site, task.readout, cfg=fit)
+                k = al[variable].size
+                rand = random_subspace({variable: site}, {variable: k}, {site: task.MODEL.d_model}, seed)
+                grid[variable][(layer, pos)] = {
+                    "iia": iia(model, test, al, task.readout), "dims": k, "loss": res.losses[-1],
+                    "random": iia(model, test, rand, task.readout).value}
+    return {"accuracy": task.accuracy(model), "grid": grid, "setting": "full" if full else "reduced",
+            "n_train": n_train, "n_test": n_test, "positions": task.POSITIONS, "layers": task.MODEL.n_layers}
+
+
+def _pt_figure(ctx: Any, res: dict[str, Any], variable: str) -> None:
+    grid, layers, positions = res["grid"][variable], res["layers"], res["positions"]
+    with ctx.figure(f"iia_layer_position_{variable}", caption=f"Price tagging: Boundless DAS IIA for "
+                    f"{'L = [Z >= X]' if variable == 'L' else 'R = [Z <= Y]'} on the residual stream after each "
+                    "block (rows) at each position (columns); the learnt number of dimensions in brackets, "
+                    "the random subspace of that size after the slash.") as fig:
+        ax = fig.add_subplot()
+        values = [[grid[(l, p)]["iia"].value for p in range(len(positions))] for l in range(layers)]
+        im = ax.imshow(values, vmin=0.4, vmax=1.0, cmap="viridis")
+        for l in range(layers):
+            for p in range(len(positions)):
+                cell = grid[(l, p)]
+                ax.text(p, l, f"{cell['iia'].value:.2f}\n[{cell['dims']}] / {cell['random']:.2f}",
+                        ha="center", va="center", fontsize=7, color="w")
+        ax.set_xticks(range(len(positions)), positions)
+        ax.set_yticks(range(layers), [f"block {l}" for l in range(layers)])
+        fig.colorbar(im, ax=ax, label="IIA")
+
+
+@check(PT, "model", "accuracy", threshold=(">=", 0.99),
+       description="the small transformer answers yes/no correctly on every input (a precondition of the IIA rows)")
+def pt_model_accuracy(ctx) -> Result:
+    res = price_tagging(ctx.seed, ctx.full)
+    return Result(res["accuracy"], detail={"inputs": "all 550 (X <= Y)", "setting": res["setting"]})
+
+
+@check(PT, "boundless_das", "iia", threshold=(">=", 0.90),
+       baselines={"random_subspace": "random subspace of the learnt size, same layer and position"},
+       description="Boundless DAS on the residual stream at the last position finds L = [Z >= X]; best layer")
+def pt_boundless(ctx) -> list[Result]:
+    res = price_tagging(ctx.seed, ctx.full)
+    out = []
+    for variable, grid in res["grid"].items():
+        _pt_figure(ctx, res, variable)
+        last = {l: grid[(l, len(res["positions"]) - 1)] for l in range(res["layers"])}
+        best = max(last, key=lambda l: last[l]["iia"].value)
+        cell = last[best]
+        row = Result(cell["iia"].value, baselines={"random_subspace": cell["random"]}, detail={
+            "variable": variable, "best_layer": best, "position": "last", "dims": cell["dims"],
+            "per_layer": {str(l): round(c["iia"].value, 4) for l, c in last.items()},
+            "n_pairs": cell["iia"].n_pairs, "kept": cell["iia"].kept, "setting": res["setting"], "n_train": res["n_train"]})
+        if variable == "L":
+            out.append(row)
+    return out

@@ -19,6 +19,7 @@ from torch import nn
 
 from mechscope.causal.alignment import Alignment, AlignmentError, Place
 from mechscope.causal.counterfactual import CounterfactualData, take
+from mechscope.causal.das import by_site
 from mechscope.causal.stiefel import StiefelSubspace
 from mechscope.core.featurize import PCA, Identity
 from mechscope.core.run import cache
@@ -27,17 +28,23 @@ from mechscope.core.site import Site
 
 def random_subspace(sites: Mapping[str, Site], dims: Mapping[str, int], widths: Mapping[Site, int],
                     seed: int = 0) -> Alignment:
-    """Random orthonormal columns, ``dims[v]`` per variable, disjoint at each site (frozen)."""
+    """Random orthonormal columns, ``dims[v]`` per variable, frozen.
+
+    Variables at one site share one random basis on disjoint columns (as DAS would have
+    them) when their sizes fit the site together; otherwise (sizes learnt separately, as
+    by Boundless DAS) each gets its own random subspace.
+    """
     places: dict[str, Place] = {}
-    by_site: dict[Site, list[str]] = {}
-    for v, s in sites.items():
-        by_site.setdefault(s, []).append(v)
-    for i, (site, names) in enumerate(by_site.items()):
-        total = sum(dims[v] for v in names)
-        if total > widths[site]:
-            raise AlignmentError(f"variables {names} ask for {total} dimensions at site {site}, which is "
-                                 f"{widths[site]} wide")
-        basis = StiefelSubspace(widths[site], total, seed=seed + 7919 * (i + 1), trainable=False)
+    for i, (site, names) in enumerate(by_site(sites).items()):
+        too_wide = [v for v in names if dims[v] > widths[site]]
+        if too_wide:
+            raise AlignmentError(f"variables {too_wide} ask for more dimensions than site {site} has ({widths[site]})")
+        if sum(dims[v] for v in names) > widths[site]:
+            for j, v in enumerate(names):
+                basis = StiefelSubspace(widths[site], dims[v], seed=seed + 7919 * (i + 1) + j, trainable=False)
+                places[v] = Place(site, basis, None)
+            continue
+        basis = StiefelSubspace(widths[site], sum(dims[v] for v in names), seed=seed + 7919 * (i + 1), trainable=False)
         start = 0
         for v in names:
             places[v] = Place(site, basis, tuple(range(start, start + dims[v])))

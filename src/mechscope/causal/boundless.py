@@ -3,7 +3,7 @@
 Instead of fixing how many rotated dimensions hold the variable, Boundless DAS learns
 it: the interchange mixes rotated base and source features with a soft mask
 
-    m_i = sigmoid((i - 0) / T) * sigmoid((b * n - i) / T),   i = 0 .. n-1
+    m_i = sigmoid((c_i - 0) / T) * sigmoid((b * n - c_i) / T),   c_i = i + 1/2,  i = 0 .. n-1
 
 over the ``n`` rotated coordinates, with the boundary ``b`` in [1e-3, 1] (init 0.5)
 trained beside the rotation and the temperature ``T`` annealed linearly from 50 to 0.1
@@ -20,8 +20,10 @@ dimensions; the gradient the cross-entropy sends to ``b`` grows with ``n`` (it m
 boundary before the temperature falls. The price here is therefore per dimension,
 ``dim_weight * b * n`` with ``dim_weight = 1/4096``: the tutorial's trade-off at its own
 width, the same trade-off at every width. The boundary trains at lr 1e-2 and the
-rotation at the fit's lr (the tutorial's split). The learnt hard alignment
-keeps the first ``ceil(b * n)`` rotated coordinates (those with m_i >= 1/2 at T -> 0).
+rotation at the fit's lr (the tutorial's split). Coordinates are unit bins centred at
+``c_i = i + 1/2``: the reference code uses ``c_i = i``, which pins coordinate 0 at
+``m_0 = sigmoid(0) = 1/2`` for ever -- negligible at n = 4096, half of a 2-wide space.
+The learnt hard alignment keeps the coordinates with ``c_i < b * n`` (m_i -> 1 as T -> 0).
 
 One variable per site, as in the paper; :func:`boundless_das` trains one per variable.
 """
@@ -55,7 +57,7 @@ class BoundlessAlignment(Trainable):
         self.variable, self.sites, self.width = variable, {variable: site}, int(width)
         self.rotation = orthonormal_basis(width, width, orthogonality, seed)
         self.boundary = nn.Parameter(torch.tensor(0.5))
-        self.register_buffer("population", torch.arange(width, dtype=torch.float32))  # [n]
+        self.register_buffer("population", torch.arange(width, dtype=torch.float32) + 0.5)  # [n] bin centres
         self.t_start, self.t_end = temperature
         self.temperature = self.t_start
         self.dim_weight, self.boundary_lr = dim_weight, boundary_lr
@@ -90,8 +92,8 @@ class BoundlessAlignment(Trainable):
 
     @property
     def size(self) -> int:
-        """Rotated coordinates the variable holds: those with i < b * n."""
-        return max(1, min(self.width, math.ceil(float(self.clamped().detach()) * self.width - 1e-9)))
+        """Rotated coordinates the variable holds: those whose centre i + 1/2 lies below b * n."""
+        return max(1, min(self.width, math.ceil(float(self.clamped().detach()) * self.width - 0.5 - 1e-9)))
 
     def alignment(self) -> Alignment:
         return Alignment({self.variable: Place(self.sites[self.variable], self.rotation, tuple(range(self.size)))})

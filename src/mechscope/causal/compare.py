@@ -98,12 +98,13 @@ def run_method(method: str, model: nn.Module, train: Mapping[str, Counterfactual
 
 
 def controls(model: nn.Module, tests: Mapping[str, CounterfactualData], site: Site, variables: Sequence[str],
-             dims: int, readout: Readout = identity_readout, seed: int = 0) -> dict[str, MethodResult]:
-    """The random-subspace and full-vector controls at ``site``."""
+             dims: int | Mapping[str, int], readout: Readout = identity_readout, seed: int = 0) -> dict[str, MethodResult]:
+    """The random-subspace (``dims`` per variable) and full-vector controls at ``site``."""
     width = site_width(model, next(iter(tests.values())), site)
+    sizes = {v: dims for v in variables} if isinstance(dims, int) else dict(dims)
     out = {}
     t0 = time.perf_counter()
-    rand = random_subspace({v: site for v in variables}, {v: dims for v in variables}, {site: width}, seed)
+    rand = random_subspace({v: site for v in variables}, sizes, {site: width}, seed)
     out["random_subspace"] = MethodResult("random_subspace", rand, evaluate(model, rand, tests, readout),
                                           time.perf_counter() - t0)
     t0 = time.perf_counter()
@@ -124,8 +125,10 @@ def compare(model: nn.Module, train: Mapping[str, CounterfactualData], tests: Ma
         alignment, info = run_method(method, model, train, site, variables, dims, readout, fit, search)
         results[method] = MethodResult(method, alignment, evaluate(model, alignment, tests, readout),
                                        time.perf_counter() - t0, info)
-    if with_controls:
-        results.update(controls(model, tests, site, variables, dims, readout, fit.seed))
+    if with_controls:  # the random subspace matches the first method's sizes (Boundless and DBM learn theirs)
+        first = results[methods[0]].alignment if methods else None
+        sizes = {v: first[v].size for v in variables} if first is not None else dims
+        results.update(controls(model, tests, site, variables, sizes, readout, fit.seed))
     return results
 
 

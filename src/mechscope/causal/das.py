@@ -83,11 +83,12 @@ class Trainable(nn.Module):
         raise NotImplementedError
 
 
-def _groups(sites: Mapping[str, Site], dims: Mapping[str, int]) -> dict[Site, list[str]]:
-    by_site: dict[Site, list[str]] = {}
+def by_site(sites: Mapping[str, Site]) -> dict[Site, list[str]]:
+    """Variables grouped by their site, in order."""
+    groups: dict[Site, list[str]] = {}
     for v, s in sites.items():
-        by_site.setdefault(s, []).append(v)
-    return by_site
+        groups.setdefault(s, []).append(v)
+    return groups
 
 
 Orthogonality = Literal["retraction", "parametrization"]
@@ -120,7 +121,7 @@ class SubspaceAlignment(Trainable):
         self.sites, self.dims, self.kind = dict(sites), dict(dims), kind
         self.featurizers = nn.ModuleList()
         self._where: dict[str, tuple[int, tuple[int, ...]]] = {}
-        for i, (site, names) in enumerate(_groups(self.sites, self.dims).items()):
+        for i, (site, names) in enumerate(by_site(self.sites).items()):
             d, total = widths[site], sum(self.dims[v] for v in names)
             if any(self.dims[v] < 1 for v in names):
                 raise AlignmentError(f"every variable needs at least 1 dimension, got {self.dims}")

@@ -6,7 +6,8 @@ features with the mask ``sigmoid(logit / T)``. The loss is the counterfactual
 cross-entropy plus ``l1 * sum(mask)``; ``T`` anneals linearly from 1 to 0.001 over the
 first half of training and then stays (the MIB baselines' defaults, as are ``l1 = 1e-4``
 and the fit's lr 1e-2). For evaluation the mask is thresholded at 1/2 (logit > 0); a
-feature two variables both claim goes to the one with the larger logit.
+feature two variables both claim goes to the one with the larger logit, and a variable
+left with no feature gets its best one that no other variable holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from mechscope.causal.alignment import Alignment, Place, mask_interchange
+from mechscope.causal.alignment import Alignment, AlignmentError, Place, mask_interchange
 from mechscope.causal.counterfactual import CounterfactualData
 from mechscope.causal.das import FitConfig, FitResult, Trainable, fit, frozen, widths_of
 from mechscope.causal.engine import Readout, identity_readout, make_engine
@@ -58,18 +59,44 @@ class MaskAlignment(Trainable):
         return [{"params": list(self.logits.parameters()), "lr": lr}]
 
     def hard_features(self) -> dict[str, tuple[int, ...]]:
-        """Features with logit > 0; a contested one goes to the larger logit; never empty."""
+        """Features with logit > 0; a contested one goes to the larger logit.
+
+        A variable left with none gets its highest-logit feature that no rival holds, or
+        else one taken from a rival that holds several.
+        """
         logits = {v: p.detach() for v, p in self.logits.items()}
-        out = {}
+        order = list(logits)
+        rivals = {v: [u for u in logits if u != v and self.sites[u] == self.sites[v]
+                      and self.featurizers[u] is self.featurizers[v]] for v in logits}
+        keep = {}
         for v, lg in logits.items():
-            rivals = [u for u in logits if u != v and self.sites[u] == self.sites[v]
-                      and self.featurizers[u] is self.featurizers[v]]
-            keep = lg > 0
-            for u in rivals:
-                keep &= (lg > logits[u]) | ((lg == logits[u]) & (list(logits).index(v) < list(logits).index(u)))
-            feats = torch.nonzero(keep).flatten().tolist()
-            out[v] = tuple(feats) if feats else (int(lg.argmax()),)
-        return out
+            mask = lg > 0
+            for u in rivals[v]:
+                mask &= (lg > logits[u]) | ((lg == logits[u]) & (order.index(v) < order.index(u)))
+            keep[v] = mask
+        for v in order:
+            if not bool(keep[v].any()):
+                self._give_one(v, logits[v], keep, rivals[v])
+        return {v: tuple(torch.nonzero(keep[v]).flatten().tolist()) for v in order}
+
+    @staticmethod
+    def _give_one(v: str, logit: Tensor, keep: dict[str, Tensor], rivals: list[str]) -> None:
+        taken = torch.zeros_like(keep[v])
+        for u in rivals:
+            taken |= keep[u]
+        spare = taken.clone()  # features of rivals that hold more than one
+        for u in rivals:
+            if int(keep[u].sum()) <= 1:
+                spare &= ~keep[u]
+        for allowed in (~taken, spare):
+            if bool(allowed.any()):
+                f = int(logit.masked_fill(~allowed, float("-inf")).argmax())
+                for u in rivals:
+                    keep[u][f] = False
+                keep[v][f] = True
+                return
+        raise AlignmentError(f"variable {v!r} gets no feature: its rivals hold one each of {int(taken.sum())}; "
+                             "the basis has fewer features than variables")
 
     def alignment(self) -> Alignment:
         return Alignment({v: Place(self.sites[v], self.featurizers[v], f) for v, f in self.hard_features().items()})

@@ -157,10 +157,9 @@ def load_model(path: Path = CHECKPOINT) -> MLP:
     return model.eval()
 
 
-def train_and_save(quick: bool = False, out: Path | None = None, seed: int = 0, log: Any = print) -> dict[str, Any]:
-    """The `mechscope train hierarchical_equality` entry point."""
-    cfg = (QUICK if quick else TrainConfig()).replace(seed=seed)
-    model, metrics = train(cfg, log)
-    path = save(model, out or CHECKPOINT, metrics)
+def train_and_ship(out_dir: Path, log: Any = print, cfg: TrainConfig | None = None) -> list[Path]:
+    """The `mechscope train hierarchical_equality` entry point: train by the recipe, write the checkpoint."""
+    model, metrics = train(cfg or TrainConfig(), log)
+    path = save(model, Path(out_dir) / CHECKPOINT.name, metrics)
     log(f"test accuracy {metrics['test_accuracy']:.4f} on unseen vectors; wrote {path}")
-    return {**metrics, "path": str(path)}
+    return [path]

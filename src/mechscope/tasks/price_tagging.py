@@ -36,6 +36,7 @@ QUERY, NO, YES = DIGITS, DIGITS + 1, DIGITS + 2  # tokens: digits 0..9, "?", "no
 SEQ = 4  # X Y Z ?
 MODEL = TransformerConfig(vocab=DIGITS + 3, n_ctx=SEQ, d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=256)
 CHECKPOINT = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints" / f"{NAME}.safetensors"
+VARIABLES = ("L", "R")
 INTERVENTIONS: dict[str, tuple[str, ...]] = {"L": ("L",), "R": ("R",)}
 POSITIONS = ("X", "Y", "Z", "?")
 readout = last_position  # the answer is read at the "?" position
@@ -147,11 +148,10 @@ def load_model(path: Path = CHECKPOINT) -> Transformer:
     return model.eval()
 
 
-def train_and_save(quick: bool = False, out: Path | None = None, seed: int = 0, log: Any = print) -> dict[str, Any]:
-    """The `mechscope train price_tagging` entry point."""
-    cfg = (QUICK if quick else TrainConfig()).replace(seed=seed)
-    model, metrics = train(cfg, log)
-    path = Path(out or CHECKPOINT)
+def train_and_ship(out_dir: Path, log: Any = print, cfg: TrainConfig | None = None) -> list[Path]:
+    """The `mechscope train price_tagging` entry point: train by the recipe, write the checkpoint."""
+    model, metrics = train(cfg or TrainConfig(), log)
+    path = Path(out_dir) / CHECKPOINT.name
     save_module(path, model, {"task": NAME, "model": vars(MODEL), **metrics})
     log(f"accuracy {metrics['accuracy']:.4f} over all inputs; wrote {path}")
-    return {**metrics, "path": str(path)}
+    return [path]
