@@ -36,6 +36,19 @@ def test_batched_cells_equal_one_forward_per_cell(setup):
         assert batched.direction == direction and "noising" in batched.ablation or "denoising" in batched.ablation
 
 
+def test_tail_replay_and_readout_give_the_same_numbers(setup):
+    model, clean, corrupt, metric = setup
+    cells = resid_cells(model, positions=range(7))
+
+    def last(logits):  # reads only the readout position it is given
+        assert logits.shape[1] == 1
+        return metric(logits)
+    full = patch_one_by_one(model, clean, corrupt, cells, last, readout=[-1])
+    for kwargs in ({}, {"cells_per_forward": 3}, {"replay_tail": False}):
+        fast = patch_cells(model, clean, corrupt, cells, last, readout=[-1], **kwargs)
+        assert torch.allclose(fast.values, full.values, atol=1e-5)
+
+
 def test_a_cell_equals_the_cores_interchange(setup):
     model, clean, corrupt, metric = setup
     site = Site("blocks.1", io="input")

@@ -75,7 +75,7 @@ def test_sampling_sparsity_and_at_least_one():
 
 def test_short_training_dense_vs_sparse():
     """Dense features: m of them kept orthogonally (D* ≈ 1); sparse: superposition (> m)."""
-    cfg = tms.TMSConfig(n_instances=2, feature_probability=(1.0, 0.03), steps=2500, lr=1e-2, seed=0)
+    cfg = tms.TMSConfig(n_instances=2, feature_probability=(1.0, 0.03), steps=1500, batch_size=512, lr=1e-2, seed=0)
     model, hist = tms.train_tms(cfg)
     W = model.W
     dense, sparse = 0, 1

@@ -71,15 +71,20 @@ def tms_superposition(ctx) -> list[Result]:
 # ------------------------------------------------------------------------------ induction
 
 
+_RETRAINED: dict[tuple[int, int], tuple[Any, Any, str]] = {}  # (n_layers, seed): one retraining per --full run
+
+
 def _induction_models(ctx) -> dict[int, tuple[Any, Any, str]]:
     from mechscope.tasks import induction
 
     out = {}
     for n in (2, 1):
         if ctx.full:
-            cfg = induction.InductionConfig(n_layers=n, seed=ctx.seed)
-            model, _ = induction.train_induction(cfg, log=ctx.log.info)
-            out[n] = (model, cfg, "retrained")
+            if (n, ctx.seed) not in _RETRAINED:
+                cfg = induction.InductionConfig(n_layers=n, seed=ctx.seed)
+                model, _ = induction.train_induction(cfg, log=ctx.log.info)
+                _RETRAINED[(n, ctx.seed)] = (model, cfg, "retrained")
+            out[n] = _RETRAINED[(n, ctx.seed)]
         else:
             model, cfg = induction.load(n_layers=n)
             out[n] = (model, cfg, "shipped checkpoint")
@@ -204,23 +209,25 @@ def _identified(effects: torch.Tensor, scores: dict, cfg) -> tuple[float, dict]:
                          "top_layer1_stripe": float(scores["induction_stripe"][1][top1]), "effects": eff.tolist()}
 
 
-for _method, _fn in (("activation_patching", patch_cells), ("attribution_patching", attribution_patching)):
-    def _make(method=_method, fn=_fn):
-        @check("induction", method, "prev_to_induction_identified", threshold=("==", 1.0),
-               description=f"{method.replace('_', ' ')} of every head (noising: corrupt first copy patched into the "
-                           "clean run): the top layer-0 head is the best previous-token head and the top layer-1 "
-                           "head an induction head (stripe > 0.5)")
-        def _check(ctx) -> Result:
-            from mechscope.tasks import induction
+def _register_identification(method: str, tool: Any) -> None:
+    """One check per tool: does ``tool`` (activation or attribution patching) single out the path?"""
+    @check("induction", method, "prev_to_induction_identified", threshold=("==", 1.0),
+           description=f"{method.replace('_', ' ')} of every head (noising: corrupt first copy patched into the "
+                       "clean run; metric: logit difference on the repeat): the top layer-0 head is the best "
+                       "previous-token head and the top layer-1 head an induction head (stripe > 0.5)")
+    def identification(ctx) -> Result:
+        from mechscope.tasks import induction
 
-            model, cfg, source = _induction_models(ctx)[2]
-            clean, corrupt, metric = _induction_patching_inputs(model, cfg)
-            res = fn(model, clean, corrupt, _head_cells(cfg.n_layers, cfg.n_heads, cfg.d_head), metric, direction="noise")
-            scores = head_scores(model, induction.eval_batch(cfg), cfg.half_len, cfg.n_layers)
-            value, detail = _identified(res.effects, scores, cfg)
-            return Result(value, {}, {"model": source, "ablation": res.ablation, **detail})
-        return _check
-    _make()
+        model, cfg, source = _induction_models(ctx)[2]
+        clean, corrupt, metric = _induction_patching_inputs(model, cfg)
+        res = tool(model, clean, corrupt, _head_cells(cfg.n_layers, cfg.n_heads, cfg.d_head), metric, direction="noise")
+        scores = head_scores(model, induction.eval_batch(cfg), cfg.half_len, cfg.n_layers)
+        value, detail = _identified(res.effects, scores, cfg)
+        return Result(value, {}, {"model": source, "ablation": res.ablation, **detail})
+
+
+_register_identification("activation_patching", patch_cells)
+_register_identification("attribution_patching", attribution_patching)
 
 
 @check("induction", "path_patching", "top_edge_is_prev_to_induction_k", threshold=("==", 1.0),

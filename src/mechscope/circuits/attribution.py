@@ -44,6 +44,18 @@ class GradCapture:
 def site_gradients(model: nn.Module, inputs: Any, sites: Sequence[Any], metric: Metric) -> tuple[float, dict, dict]:
     """One forward and one backward: the metric, each site's activation and ∂metric/∂activation."""
     captures = {s: GradCapture() for s in sites}
+    # weights need no gradient: with them frozen the graph holds only the activations' paths
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _forward_backward(model, inputs, captures, metric)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _forward_backward(model: nn.Module, inputs: Any, captures: dict, metric: Metric) -> tuple[float, dict, dict]:
     with torch.enable_grad():
         out, _ = run(model, inputs, captures)
         m = metric(model_output(out))
@@ -74,12 +86,15 @@ def attribution_patching(model: nn.Module, clean: Any, corrupt: Any, cells: Sequ
         m_source = float(metric(model_output(out)))
     m_base, acts, grads = site_gradients(model, base, sites, metric)
     _positions_ok(cells, acts)
-    values = torch.empty(len(cells))
+    # (a_source − a_base) · ∂M/∂a, summed over everything but batch and position, per site
+    contrib = {}
+    for site in sites:
+        d = (src[site] - acts[site]) * grads[site]  # [batch, pos, ...] or [batch, ...]
+        contrib[site] = d.flatten(2).sum(-1).double() if d.dim() >= 3 else d.flatten(1).sum(-1, keepdim=True).double()
+    values = torch.empty(len(cells), dtype=torch.float64)
     for i, c in enumerate(cells):
-        delta = (src[c.site] - acts[c.site]) * grads[c.site]  # [batch, pos, ...]
-        if c.position is not None:
-            delta = delta[:, c.position]
-        values[i] = m_base + float(delta.sum())
+        part = contrib[c.site] if c.position is None else contrib[c.site][:, c.position]
+        values[i] = m_base + float(part.sum())
     m_clean, m_corrupt = (m_base, m_source) if direction == "noise" else (m_source, m_base)
     normalised_score(torch.zeros(1), m_clean, m_corrupt)  # refuse inputs no estimate can be scored on
     return PatchResult(list(cells), values, m_clean, m_corrupt, direction,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from mechscope.circuits.patching import Cell

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.intervene import Mean, Zero
-from mechscope.core.run import cache, run
+from mechscope.core.run import cache, call_model, run
 from mechscope.core.site import Site
 
 Ablation = Literal["zero", "mean"]
@@ -129,7 +129,7 @@ def head_ablation_sweep(model: nn.Module, inputs: Any, metric: Callable[[Any], T
     """The metric with each head ablated in turn (one forward per head)."""
     values = torch.empty(n_layers, n_heads)
     with torch.no_grad():
-        base = float(metric(model(inputs) if not isinstance(inputs, dict) else model(**inputs)))
+        base = float(metric(call_model(model, inputs)))
         for layer in range(n_layers):
             for head in range(n_heads):
                 site = head_site(layer, head, head_dim, path)

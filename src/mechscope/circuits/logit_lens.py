@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core import aliases
-from mechscope.core.run import batch_info, find_module, run
+from mechscope.core.run import find_module, run
 from mechscope.core.site import Site
 from mechscope.core.structure import ModelStructure, StructureError, structure
 

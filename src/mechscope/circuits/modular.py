@@ -15,6 +15,7 @@ and through activations cached at its sites on the full ``p × p`` input grid:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,17 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mechscope.circuits import fourier
+from mechscope.core.checkpoint import save_json_atomic
 from mechscope.core.run import cache
 from mechscope.core.site import Site
+from mechscope.tasks import grokking
 
 NEURONS = Site("blocks.0.mlp.act", name="neurons")
 VIEWS = ("embed", "neuron_to_logit", "neurons", "logits")
 
 
 def _grid(model: nn.Module) -> tuple[Tensor, Tensor]:
-    from mechscope.tasks.grokking import all_pairs
-
-    return all_pairs(model.cfg.p)
+    return grokking.all_pairs(model.cfg.p)
 
 
 def grid_logits(model: nn.Module) -> Tensor:  # [p*p, p] in (a, b) row-major order
@@ -88,11 +89,9 @@ def _loss(logits: Tensor, labels: Tensor) -> float:
 
 def progress_measures(model: nn.Module, keys: list[int]) -> dict[str, float]:
     """The paper's progress measures of one model, against the key frequencies ``keys``."""
-    from mechscope.tasks.grokking import split
-
     p = model.cfg.p
     tokens, labels = _grid(model)
-    tr, te = split(model.cfg)
+    tr, te = grokking.split(model.cfg)
     logits = grid_logits(model)  # [p*p, p]
     out = {"train_loss": _loss(logits[tr], labels[tr]), "test_loss": _loss(logits[te], labels[te]),
            "test_acc": float((logits[te].argmax(-1) == labels[te]).double().mean())}
@@ -140,8 +139,6 @@ def phases(series: dict[str, list], p: int) -> dict[str, int | None]:
 def train_and_ship(out_dir: Any, log: Any = print, quick: bool = False) -> list:
     """``mechscope train grokking``: train by the recipe, write the checkpoint and, beside it,
     a JSON history with the progress measures at every snapshot (against the final keys)."""
-    from mechscope.tasks import grokking
-
     cfg = grokking.quick_config() if quick else grokking.GrokkingConfig()
     model, hist = grokking.train_grokking(cfg, log=log)
     return ship(model, hist, out_dir, log)
@@ -149,11 +146,6 @@ def train_and_ship(out_dir: Any, log: Any = print, quick: bool = False) -> list:
 
 def ship(model: nn.Module, hist: dict[str, Any], out_dir: Any, log: Any = print) -> list:
     """Write a trained model as ``grokking_p{p}.safetensors`` and its progress measures as ``.json``."""
-    from pathlib import Path
-
-    from mechscope.core.checkpoint import save_json_atomic
-    from mechscope.tasks import grokking
-
     path = Path(out_dir) / f"grokking_p{model.cfg.p}.safetensors"
     grokking.save(path, model)
     keys = key_frequencies(model)

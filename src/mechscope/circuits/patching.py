@@ -167,9 +167,17 @@ def _metric(metric: Metric, out: Any) -> float:
 
 def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell], metric: Metric,
                 direction: Direction = "denoise", cells_per_forward: int | None = None,
-                max_rows: int = 2048) -> PatchResult:
-    """Patch every cell (one at a time) and score it; ``cells_per_forward`` cells share a
-    forward (default: as many as fit in ``max_rows`` sequences)."""
+                max_rows: int = 512, replay_tail: bool = True, readout: Sequence[int] | None = None) -> PatchResult:
+    """Patch every cell (one at a time) and score it.
+
+    ``cells_per_forward`` cells share a forward (default: as many as fit in ``max_rows``
+    sequences). With ``replay_tail``, cells on a block's input or output (the residual
+    stream) run only the blocks after it, on the base run's activation with the patch
+    written in (:mod:`mechscope.causal.tail`, which checks that its replay reproduces the
+    model's own logits; where it cannot, the full forward is used). ``readout``: the
+    positions whose logits the metric reads (it then gets ``[batch, len(readout), vocab]``);
+    a replayed tail applies the final norm and unembedding at those positions only.
+    """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if not cells:
@@ -177,25 +185,113 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     _check_pair(clean, corrupt)
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     sites = list(dict.fromkeys(c.site for c in cells))
+    values = torch.empty(len(cells), dtype=torch.float64)
     with torch.no_grad():
-        m_clean, m_corrupt = _metric(metric, call_model(model, clean)), _metric(metric, call_model(model, corrupt))
+        m_clean = _metric(metric, _read(call_model(model, clean), readout))
+        m_corrupt = _metric(metric, _read(call_model(model, corrupt), readout))
         normalised_score(torch.zeros(1), m_clean, m_corrupt)  # refuse inputs no patch can be scored on
         src = cache(model, source, sites)
         _positions_ok(cells, src)
         b = batch_size_of(base)
         k_max = cells_per_forward or max(1, max_rows // b)
-        values = torch.empty(len(cells))
-        for start in range(0, len(cells), k_max):
-            chunk = list(cells[start:start + k_max])
-            k = len(chunk)
+        tails = _tails(model, base, sites) if replay_tail else {}
+        full = [i for i, c in enumerate(cells) if tails.get(c.site) is None]
+        for start in range(0, len(full), k_max):
+            chunk = full[start:start + k_max]
             writes = {}
-            for site in dict.fromkeys(c.site for c in chunk):
-                idx = [j for j, c in enumerate(chunk) if c.site == site]
-                writes[site] = _CellWrites(src[site], idx, [chunk[j].position for j in idx], k)
-            out, _ = run(model, repeat_batch(base, k), writes)
-            for j in range(k):
-                values[start + j] = _metric(metric, _rows(out, j, b))
+            for site in dict.fromkeys(cells[i].site for i in chunk):
+                idx = [j for j, i in enumerate(chunk) if cells[i].site == site]
+                writes[site] = _CellWrites(src[site], idx, [cells[chunk[j]].position for j in idx], len(chunk))
+            out, _ = run(model, repeat_batch(base, len(chunk)), writes)
+            for j, i in enumerate(chunk):
+                values[i] = _metric(metric, _read(_rows(out, j, b), readout))
+        for site, state in tails.items():
+            if state is not None:
+                _patch_by_tail(state, site, src[site], cells, metric, values, k_max, b, readout)
     return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction))
+
+
+def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Any]:
+    """Verified replays of the blocks after each residual-stream site, from one precompute.
+
+    The first block site's tail (:func:`mechscope.causal.tail.plan_tail`, verified against
+    the model's own logits) records every later block's arguments; the tails of later
+    sites reuse those records with their own base activation. Sites that are not a whole
+    block input or output (or a model the tail cannot replay) get None: full forwards.
+    """
+    import inspect
+
+    from mechscope.causal.tail import TailError, TailPlan, TailState, plan_tail
+
+    whole = [s for s in sites if s.heads is None and s.features is None]
+    params = inspect.signature(model.forward).parameters
+    if isinstance(base, Tensor) and "use_cache" in params:  # a KV cache must not be recorded and replayed
+        base = {next(iter(params)): base, "use_cache": False}
+    states: dict[Site, Any] = {}
+    first = None
+    for site in whole:
+        try:
+            plan = plan_tail(model, site, base)
+        except TailError:
+            continue
+        if plan.kind == "blocks":
+            first = (site, plan)
+            break
+    if first is None:
+        return states
+    site0, plan0 = first
+    paths = [p for p, _ in plan0.modules]
+    try:
+        state0 = plan0.precompute(base)
+    except TailError:
+        return states
+    later = [s for s in whole if s != site0 and s.path in paths and s.element in (None, 0)]
+    acts = cache(model, base, later) if later else {}
+    states[site0] = state0
+    for site in later:
+        k = paths.index(site.path) + (1 if site.io == "output" else 0)
+        plan = TailPlan(model, site, "blocks", plan0.modules[k:], plan0.finals)
+        states[site] = TailState(plan, acts[site], state0.records[k:], state0.logits, state0.n)
+    return states
+
+
+def _patch_by_tail(state: Any, site: Site, source: Tensor, cells: Sequence[Cell], metric: Metric,
+                   values: Tensor, k_max: int, b: int, readout: Sequence[int] | None) -> None:
+    """Patch the cells at ``site`` by writing into the base activation and replaying the tail."""
+    mine = [i for i, c in enumerate(cells) if c.site == site]
+    call = HookCall(site, None, None)
+    for start in range(0, len(mine), k_max):
+        chunk = mine[start:start + k_max]
+        k = len(chunk)
+        x = state.anchor.repeat(k, *([1] * (state.anchor.dim() - 1)))  # [k*batch, pos, d]
+        x = _CellWrites(source, list(range(k)), [cells[i].position for i in chunk], k)(x, call)
+        logits = _replay(state, x, torch.arange(b).repeat(k), readout)
+        for j, i in enumerate(chunk):
+            values[i] = _metric(metric, logits[j * b:(j + 1) * b])
+
+
+def _replay(state: Any, x: Tensor, idx: Tensor, readout: Sequence[int] | None) -> Tensor:
+    """The tail's blocks on ``x`` (rows ``idx`` of the recorded arguments), then the final
+    norm and unembedding at the ``readout`` positions only (all when None)."""
+    from mechscope.causal.tail import slice_rows
+
+    if state.plan.kind != "blocks" or readout is None:
+        out = state.replay(x, idx)
+        return out if readout is None else out[:, list(readout)]
+    for (_, module), (args, kwargs) in zip(state.plan.modules, state.records):
+        args, kwargs = slice_rows(args, idx, state.n), slice_rows(kwargs, idx, state.n)
+        out = module(x, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": x})
+        x = out if isinstance(out, Tensor) else out[0]
+    x = x[:, list(readout)]  # [rows, n_readout, d_model]
+    for _, module in state.plan.finals:
+        x = module(x)
+    return x
+
+
+def _read(out: Any, readout: Sequence[int] | None) -> Any:
+    """The model's output as a metric sees it: logits, at the readout positions when given."""
+    out = model_output(out)
+    return out if readout is None else out[:, list(readout)]
 
 
 def _rows(out: Any, j: int, b: int) -> Any:
@@ -212,9 +308,9 @@ def _rows(out: Any, j: int, b: int) -> Any:
 
 
 def patch_one_by_one(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell], metric: Metric,
-                     direction: Direction = "denoise") -> PatchResult:
+                     direction: Direction = "denoise", readout: Sequence[int] | None = None) -> PatchResult:
     """The reference: one forward per cell (what per-cell patching tools do); same numbers."""
-    return patch_cells(model, clean, corrupt, cells, metric, direction, cells_per_forward=1)
+    return patch_cells(model, clean, corrupt, cells, metric, direction, cells_per_forward=1, replay_tail=False, readout=readout)
 
 
 # ------------------------------------------------------------------------------ path patching
