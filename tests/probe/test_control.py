@@ -56,3 +56,13 @@ def test_visible_types_are_memorised_and_selectivity_drops():
 def test_types_of_wrong_length():
     with pytest.raises(ProbeError, match="one type id per example"):
         control_labels(torch.arange(5), torch.arange(6) % 2)
+
+
+def test_constant_control_labels_count_as_solved():
+    # two types only: the control draw may give both the same label; a constant predictor is then right
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    types = torch.zeros(200, dtype=torch.long)  # one type: the control labels are constant
+    c = probe_with_controls(x, y, types)
+    assert c.control_accuracy == 1.0 and c.selectivity < 0.1

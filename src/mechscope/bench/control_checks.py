@@ -19,7 +19,6 @@ Every threshold below is written from the issue / spec before the check first ra
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -310,7 +309,7 @@ def toy_addition(ctx) -> list[Result]:
         ax2.plot(coeffs, [r["kl"] for r in sweep], marker="s", color="#a47", label="KL unrelated")
         ax2.set_ylabel("KL (nats)")
         ax2.set_yscale("symlog", linthresh=1e-3)
-        fig.legend(loc="upper left", fontsize=7)
+        fig.legend(loc="center right", fontsize=7)
     detail = {"layer": layer, "coeff": 1.0, "norm": float(v.norm()), "sweep": sweep}
     return [Result(at1["r_rate"], detail=detail,
                    baselines={"clean": st.r_rate(clean)["argmax_r"], "random_direction": random_rate}),
@@ -324,7 +323,6 @@ def toy_addition(ctx) -> list[Result]:
 def toy_weight_edit(ctx) -> Result:
     from mechscope.steer.apply import ablate
     from mechscope.steer.orthogonalize import orthogonalize_weights
-    from mechscope.tasks import steering_toy as st
 
     setup = _toy_setup(ctx)
     model, (pos, neg) = setup["model"], setup["test"]
@@ -339,3 +337,179 @@ def toy_weight_edit(ctx) -> Result:
         scale = float(model(pos[:50]).abs().max())
     return Result(max(diffs), baselines={"unedited": min(changed)},
                   detail={"per_layer_direction": diffs, "logit_scale": scale})
+
+
+# =========================================================================== instruction task: ReFT and baselines
+# One learning rate for every adapter (ReFT, LoRA) and a lower one for full finetuning, where
+# every weight moves; --full trains the same way on twice the data for twice the steps.
+_ADAPTER_LR = 1e-2
+_FULL_FT_LR = 1e-3
+
+
+def _comparison(ctx) -> list[Any]:
+    from mechscope.core.site import Site
+    from mechscope.steer.baselines import compare
+    from mechscope.steer.finetune import TrainRecipe
+    from mechscope.tasks import instructions as ins
+
+    if ctx.full:
+        ctx.log.info("--full: retraining the instruction model from its recipe")
+        model = ins.train(ins.Recipe(seed=ctx.seed))
+    else:
+        model = ins.load()
+    n_train, n_test = (2000, 1000) if ctx.full else (1000, 300)
+    task = ins.comparison_task(n_train, n_test, n_test, seed=ctx.seed)
+    sites = [Site(f"blocks.{l}", io="input") for l in range(ins.MODEL.n_layers)]  # resid_pre of every block
+    recipe = TrainRecipe(steps=800 if ctx.full else 400, lr=_ADAPTER_LR)
+    return compare(model, task, sites, ins.MODEL.d_model, recipe=recipe, batch_size=32, rank=4, positions="f2+l2",
+                   lora_rank=8, lora_alpha=16.0, full_lr=_FULL_FT_LR, seed=ctx.seed,
+                   log=lambda s: ctx.log.info(s[:200]))
+
+
+@check("instructions", "loreft", "accuracy_gap_to_lora", threshold=("<=", 0.05),
+       other_metrics={"lora_param_ratio": (">=", 10.0), "accuracy": None, "kl_unrelated": None},
+       baselines={"prompting": "instruction token in the prompt", "steering": "contrastive vector, best site/position/coeff",
+                  "direft": "DiReFT, same sites and rank", "lora": "LoRA r=8 on every linear layer (peft)",
+                  "full_finetuning": "every parameter trained"},
+       description="make the instruction model reverse without being told: LoReFT (rank 4, resid_pre of every block, "
+                   "first 2 + last 2 prompt tokens) against prompting, steering, DiReFT, LoRA and full finetuning on the "
+                   "same data; accuracy = exact match of the greedy answer, KL on unrelated (SORT/SHIFT) prompts")
+def reft_table(ctx) -> list[Result]:
+    rows = {r.method: r for r in _comparison(ctx)}
+    lo, lora = rows["loreft"], rows["lora"]
+    table = [r.row() for r in rows.values()]
+    for r in table:
+        r.pop("selection", None)
+    with ctx.figure("baseline_table", caption="Trainable parameters against task accuracy (marker) and KL on unrelated "
+                    "prompts (label), per method, on the same task and data") as fig:
+        ax = fig.add_subplot()
+        for r in rows.values():
+            x = max(r.trainable_params, 1)
+            ax.scatter([x], [r.accuracy], s=40)
+            ax.annotate(f"{r.method}\nKL {r.kl_unrelated:.2f}", (x, r.accuracy), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (prompting plotted at 1)")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(-0.05, 1.1)
+    acc = {k: v.accuracy for k, v in rows.items() if k != "loreft"}
+    kl = {k: v.kl_unrelated for k, v in rows.items() if k != "loreft"}
+    params = {k: float(v.trainable_params) for k, v in rows.items() if k != "loreft"}
+    detail = {"table": table, "setting": "full" if ctx.full else "reduced", "adapter_lr": _ADAPTER_LR,
+              "full_finetuning_lr": _FULL_FT_LR}
+    return [Result(lora.accuracy - lo.accuracy, detail=detail,
+                   baselines={k: lora.accuracy - v for k, v in acc.items() if k != "lora"}),
+            Result(lora.trainable_params / lo.trainable_params, metric="lora_param_ratio",
+                   detail={"loreft_params": lo.trainable_params, "lora_params": lora.trainable_params},
+                   baselines={k: v / lo.trainable_params for k, v in params.items() if v > 0}),
+            Result(lo.accuracy, metric="accuracy", baselines=acc, detail={"method": "loreft"}),
+            Result(lo.kl_unrelated, metric="kl_unrelated", baselines=kl, detail={"method": "loreft"})]
+
+
+# =========================================================================== Othello world model
+_OTHELLO_CACHE: dict[tuple[int, bool], dict[str, Any]] = {}
+
+
+def _othello(ctx) -> dict[str, Any]:
+    """Model, held-out games, residuals at every layer and the probes of both codings (memoised per run)."""
+    key = (ctx.seed, ctx.full)
+    if key in _OTHELLO_CACHE:
+        return _OTHELLO_CACHE[key]
+    from mechscope.probe.linear import train_probe
+    from mechscope.tasks import othello as oth
+
+    if ctx.full:
+        ctx.log.info("--full: retraining the Othello world model from its recipe")
+        model = oth.train(oth.Recipe(seed=ctx.seed))
+    else:
+        model = oth.load()
+    n_games, per_game = (3000, 10) if ctx.full else (800, 6)
+    grid = (1e-1, 1e-2, 1e-3, 1e-4) if ctx.full else (1e-2, 1e-3)
+    games = oth.random_games(n_games, seed=10_000 + ctx.seed)
+    game, pos = oth.probe_rows(games, per_game, seed=ctx.seed)
+    layers = [-1, *range(oth.MODEL.n_layers)]
+    acts = oth.residuals(model, games, layers, game, pos)
+    rel, ab = oth.relative_states(games)[game, pos], oth.absolute_states(games)[game, pos]
+    # 36 three-class probes per fit: float32 L-BFGS (3x faster than float64 here)
+    kw = dict(groups=game, seed=ctx.seed, l2_grid=grid, max_iter=500 if ctx.full else 150, dtype=torch.float32)
+    probes = {"relative": {}, "absolute": {}}
+    for l in layers:
+        probes["relative"][l] = train_probe(acts[l], rel, **kw)
+        probes["absolute"][l] = train_probe(acts[l], ab, **kw)
+        ctx.log.info(f"othello layer {l}: relative {probes['relative'][l].accuracy:.3f}, "
+                     f"absolute {probes['absolute'][l].accuracy:.3f}")
+    out = dict(model=model, games=games, game=game, pos=pos, acts=acts, rel=rel, ab=ab, layers=layers,
+               probes=probes, kw=kw, legal_top1=oth.legal_top1(model, oth.random_games(300, seed=20_000 + ctx.seed)))
+    _OTHELLO_CACHE.clear()
+    _OTHELLO_CACHE[key] = out
+    return out
+
+
+@check("othello", "linear_probe", "relative_minus_absolute", threshold=(">=", 0.05),
+       other_metrics={"relative_accuracy": None},
+       baselines={"absolute_best_layer": "absolute probe at its own best layer",
+                  "untrained_model": "relative probe on a randomly initialised model, same layer",
+                  "control_task": "relative probe on control labels (random label per move token and square)",
+                  "majority": "the most common class per square"},
+       description="linear probes of each square (36 three-class probes) at every layer: relative coding "
+                   "(empty/mine/theirs) against absolute (empty/black/white), mean held-out accuracy")
+def othello_probes(ctx) -> list[Result]:
+    from mechscope.probe.control import control_labels
+    from mechscope.probe.linear import train_probe
+    from mechscope.tasks import othello as oth
+
+    o = _othello(ctx)
+    rel = {l: p.accuracy for l, p in o["probes"]["relative"].items()}
+    ab = {l: p.accuracy for l, p in o["probes"]["absolute"].items()}
+    best = max(rel, key=rel.get)
+    untrained = oth.build_model(seed=ctx.seed + 1)
+    u_acts = oth.residuals(untrained, o["games"], [best], o["game"], o["pos"])[best]
+    u_acc = train_probe(u_acts, o["rel"], **o["kw"]).accuracy
+    move_token = o["games"].tokens[o["game"], o["pos"]]  # the input type: the move just played
+    ctrl = train_probe(o["acts"][best], control_labels(move_token, o["rel"], ctx.seed), **o["kw"]).accuracy
+    majority = float(o["probes"]["relative"][best].majority_accuracy.mean())
+    with ctx.figure("probe_accuracy_per_layer", caption="Mean held-out accuracy of the 36 square probes per layer "
+                    "(-1 = embeddings), relative vs absolute coding, with controls at the best layer") as fig:
+        ax = fig.add_subplot()
+        ls = o["layers"]
+        ax.plot(ls, [rel[l] for l in ls], marker="o", label="relative (mine/theirs)")
+        ax.plot(ls, [ab[l] for l in ls], marker="s", label="absolute (black/white)")
+        ax.scatter([best], [u_acc], marker="x", color="gray", label="untrained model")
+        ax.scatter([best], [ctrl], marker="^", color="red", label="control task")
+        ax.axhline(majority, ls=":", color="gray", label="majority class")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean probe accuracy")
+        ax.legend(fontsize=7)
+    per_square = o["probes"]["relative"][best].test_accuracy.tolist()
+    detail = {"best_layer": best, "relative": rel, "absolute": ab, "legal_top1": o["legal_top1"],
+              "converged": all(p.probe.converged for c in o["probes"].values() for p in c.values()),
+              "rows": int(len(o["game"])), "per_square_relative": [round(v, 3) for v in per_square],
+              "selectivity": rel[best] - ctrl}
+    return [Result(rel[best] - ab[best], detail=detail,
+                   baselines={"absolute_best_layer": max(ab.values()) - ab[best]}),
+            Result(rel[best], metric="relative_accuracy", detail={"layer": best},
+                   baselines={"absolute_best_layer": max(ab.values()), "untrained_model": u_acc,
+                              "control_task": ctrl, "majority": majority})]
+
+
+@check("othello", "probe_edit", "success_rate", threshold=(">=", 0.8),
+       other_metrics={"mean_errors": None},
+       baselines={"random_direction": "the same edit length along random directions",
+                  "unedited": "the unedited model judged against the edited board"},
+       description="flip one square (mine <-> theirs) by mirroring the relative probes' margin at the edited "
+                   "position, at every layer from the middle on; success = the model's top-k moves are exactly "
+                   "the edited board's legal moves")
+def othello_edit(ctx) -> list[Result]:
+    from mechscope.tasks import othello as oth
+
+    o = _othello(ctx)
+    layers = list(range(oth.MODEL.n_layers // 2, oth.MODEL.n_layers))
+    cases = oth.edit_cases(o["games"], 1000 if ctx.full else 300, seed=ctx.seed)
+    probes = {l: o["probes"]["relative"][l].probe for l in layers}
+    real = oth.probe_edit(o["model"], o["games"], cases, probes)
+    rnd = oth.probe_edit(o["model"], o["games"], cases, probes, random_seed=ctx.seed)
+    detail = {"edit_layers": layers, "n_edits": int(len(cases.game)), **real, "random": rnd}
+    return [Result(real["edited_success"], detail=detail,
+                   baselines={"random_direction": rnd["edited_success"], "unedited": real["clean_success"]}),
+            Result(real["edited_errors"], metric="mean_errors", detail={"edit_layers": layers},
+                   baselines={"random_direction": rnd["edited_errors"], "unedited": real["clean_errors"]})]

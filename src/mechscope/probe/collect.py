@@ -48,3 +48,43 @@ def _chunks(inputs: Tensor | dict, size: int) -> Iterable[Any]:
             yield inputs[start:start + size]
         else:
             yield {k: v[start:start + size] for k, v in inputs.items()}
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file, each checked to hold the ``required`` keys (clear errors otherwise)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no data file at {path!r}; give a JSON-lines file (one object per line)")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+        missing = [k for k in required if k not in row]
+        if not isinstance(row, dict) or missing:
+            raise ValueError(f"{path}:{i}: each line must be an object with keys {list(required)}; missing {missing}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def token_batch(rows: list[dict[str, Any]], key: str = "tokens", pad_id: int = 0) -> dict[str, Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` from rows' token-id lists."""
+    from mechscope.core.batch import collate
+
+    seqs = []
+    for i, r in enumerate(rows):
+        toks = r[key]
+        if not isinstance(toks, list) or not toks or not all(isinstance(t, int) and t >= 0 for t in toks):
+            raise ValueError(f"row {i}: {key!r} must be a non-empty list of token ids (ints >= 0), got {toks!r:.60}")
+        seqs.append(toks)
+    batch = collate(seqs, pad_id=pad_id, side="right")
+    batch.pop("position_ids")  # Hugging Face models make their own; ours count from 0 anyway
+    return batch

@@ -72,8 +72,9 @@ class ControlledProbe:
     """A probe and its controls, all on the same split with the same procedure."""
 
     task: ProbeFit
-    control: ProbeFit | None  # None when no types were given
+    control: ProbeFit | None  # None when no types were given (or every control column is constant)
     shuffled: ProbeFit
+    control_by_task: Tensor | None = None  # [m] held-out control accuracy per task
 
     @property
     def accuracy(self) -> float:
@@ -81,7 +82,7 @@ class ControlledProbe:
 
     @property
     def control_accuracy(self) -> float | None:
-        return None if self.control is None else self.control.accuracy
+        return None if self.control_by_task is None else float(self.control_by_task.mean())
 
     @property
     def shuffled_accuracy(self) -> float:
@@ -113,17 +114,21 @@ def probe_with_controls(x: Any, labels: Any, types: Any = None, *, seed: int = 0
     split = split_indices(x.shape[0], fractions, seed, groups)
     kw = dict(l2_grid=l2_grid, split=split, max_iter=max_iter)
     task = train_probe(x, labels, **kw)
-    control = None
+    control, by_task = None, None
     if types is not None:
-        control = train_probe(x, _ensure_two_classes(control_labels(types, labels, seed + 1), labels), **kw)
+        control, by_task = _control_probe(x, control_labels(types, labels, seed + 1), kw)
     shuffled = train_probe(x, shuffled_labels(labels, seed + 2), **kw)
-    return ControlledProbe(task, control, shuffled)
+    return ControlledProbe(task, control, shuffled, by_task)
 
 
-def _ensure_two_classes(control: Tensor, labels: Any) -> Tensor:
-    """A control labelling with very few types can draw one class for all; say so clearly."""
+def _control_probe(x: Tensor, control: Tensor, kw: dict[str, Any]) -> tuple[ProbeFit | None, Tensor]:
+    """Fit the control task. With few types a task's control labels can all be one class; a
+    constant predictor is then exactly right, so that task's control accuracy is 1."""
     cols = control[:, None] if control.dim() == 1 else control
-    if any(torch.unique(cols[:, j]).numel() < 2 for j in range(cols.shape[1])):
-        raise ProbeError("the control task drew a single label for every type (too few distinct types); "
-                         "give finer types or more examples")
-    return control
+    varied = [j for j in range(cols.shape[1]) if torch.unique(cols[:, j]).numel() > 1]
+    by_task = torch.ones(cols.shape[1], dtype=torch.float64)
+    if not varied:
+        return None, by_task
+    fit = train_probe(x, cols[:, varied] if control.dim() == 2 else control, **kw)
+    by_task[varied] = fit.test_accuracy
+    return fit, by_task

@@ -8,7 +8,8 @@ the textbook one, made exact rather than approximate:
 - binary labels use one logit (sigmoid), more classes a softmax over all classes;
 - the objective is ``mean cross-entropy + l2/2 * ||W||^2`` (the bias is not penalised
   beyond a tiny 1e-6 that keeps it finite for a class absent from the training split);
-  it is convex and minimised to convergence with full-batch L-BFGS in float64;
+  it is convex and minimised to convergence with full-batch L-BFGS (float64 by default;
+  ``dtype=torch.float32`` halves the time of large multi-task fits);
 - the penalty ``l2`` is chosen from a grid by accuracy on a held-out validation split,
   and the probe is then scored on a test split it never saw.
 
@@ -92,7 +93,7 @@ def _loss(z: Tensor, w: Tensor, b: Tensor, y: Tensor, l2: Tensor) -> Tensor:
     """Mean cross-entropy (summed over tasks) plus the penalties; z [n, d], w [m, d, c]."""
     logits = torch.einsum("nd,mdc->nmc", z, w) + b  # [n, m, c]
     if w.shape[-1] == 1:  # binary: one logit per task
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits[..., 0], y.double(), reduction="none")
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits[..., 0], y.to(logits.dtype), reduction="none")
     else:
         ce = torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")  # [n, m]
     penalty = 0.5 * (l2 * w.pow(2).sum(dim=(1, 2))).sum() + 0.5 * _BIAS_L2 * b.pow(2).sum()
@@ -103,8 +104,8 @@ def _loss(z: Tensor, w: Tensor, b: Tensor, y: Tensor, l2: Tensor) -> Tensor:
 def _lbfgs(z: Tensor, y: Tensor, n_out: int, l2: Tensor, init: tuple[Tensor, Tensor] | None,
            max_iter: int, tol: float) -> tuple[Tensor, Tensor, int, bool]:
     m, d = y.shape[1], z.shape[1]
-    w = (init[0].clone() if init else torch.zeros(m, d, n_out, dtype=torch.float64)).requires_grad_(True)
-    b = (init[1].clone() if init else torch.zeros(m, n_out, dtype=torch.float64)).requires_grad_(True)
+    w = (init[0].clone() if init else torch.zeros(m, d, n_out, dtype=z.dtype)).requires_grad_(True)
+    b = (init[1].clone() if init else torch.zeros(m, n_out, dtype=z.dtype)).requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
@@ -120,7 +121,8 @@ def _lbfgs(z: Tensor, y: Tensor, n_out: int, l2: Tensor, init: tuple[Tensor, Ten
     w2, b2 = w.detach().requires_grad_(True), b.detach().requires_grad_(True)
     g = torch.autograd.grad(_loss(z, w2, b2, y, l2), [w2, b2])
     gmax = max(float(t.abs().max()) for t in g)
-    return w.detach(), b.detach(), n_iter, gmax <= max(tol * 10, 1e-6)
+    floor = 1e-6 if z.dtype == torch.float64 else 1e-4  # what the dtype's rounding lets a gradient reach
+    return w.detach(), b.detach(), n_iter, gmax <= max(tol * 10, floor)
 
 
 @dataclass
@@ -142,7 +144,7 @@ class LinearProbe:
     single_task: bool = True
 
     def logits(self, x: Any) -> Tensor:  # [n, d] -> [n, m, c]
-        z = (as_activations(x) - self.mean) / self.std
+        z = (as_activations(x).to(self.weight.dtype) - self.mean) / self.std
         if z.shape[1] != self.weight.shape[1]:
             raise ProbeError(f"the probe was fitted on width {self.weight.shape[1]}, got activations of width {z.shape[1]}")
         return torch.einsum("nd,mdc->nmc", z, self.weight) + self.bias
@@ -200,9 +202,10 @@ def standardise(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fit_probe(x: Any, labels: Any, l2: float | Sequence[float] = 1e-3, *, classes: Tensor | None = None,
-              max_iter: int = 500, tol: float = 1e-7, init: LinearProbe | None = None) -> LinearProbe:
+              max_iter: int = 500, tol: float = 1e-7, init: LinearProbe | None = None,
+              dtype: torch.dtype = torch.float64) -> LinearProbe:
     """Fit one probe per task at penalty ``l2`` (a float, or one per task) to convergence."""
-    x = as_activations(x)
+    x = as_activations(x).to(dtype)
     if classes is None:
         idx, classes = encode_labels(labels, x.shape[0])
     else:
@@ -212,7 +215,7 @@ def fit_probe(x: Any, labels: Any, l2: float | Sequence[float] = 1e-3, *, classe
     mean, std = (init.mean, init.std) if init is not None else standardise(x)
     z = (x - mean) / std
     n_out = 1 if classes.numel() == 2 else classes.numel()
-    l2t = torch.as_tensor(l2, dtype=torch.float64).expand(y.shape[1]).clone()
+    l2t = torch.as_tensor(l2, dtype=dtype).expand(y.shape[1]).clone()
     start = (init.weight, init.bias) if init is not None else None
     w, b, n_iter, ok = _lbfgs(z, y, n_out, l2t, start, max_iter, tol)
     return LinearProbe(mean, std, w, b, classes, l2t, ok, n_iter, single)
@@ -280,7 +283,7 @@ def majority_accuracy(train_idx: Tensor, test_idx: Tensor, n_classes: int) -> Te
 def train_probe(x: Any, labels: Any, *, l2_grid: Sequence[float] = DEFAULT_L2_GRID,
                 fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0, groups: Any = None,
                 split: Sequence[Tensor] | None = None, max_iter: int = 500,
-                select_by: str = "accuracy") -> ProbeFit:
+                select_by: str = "accuracy", dtype: torch.dtype = torch.float64) -> ProbeFit:
     """Split, fit at every penalty of ``l2_grid``, keep the best on validation (per task), score on test.
 
     Penalties are visited from strongest to weakest, each fit warm-started from the last.
@@ -291,7 +294,7 @@ def train_probe(x: Any, labels: Any, *, l2_grid: Sequence[float] = DEFAULT_L2_GR
     """
     if select_by not in ("accuracy", "log_loss"):
         raise ProbeError(f"select_by must be 'accuracy' or 'log_loss', got {select_by!r}")
-    x = as_activations(x)
+    x = as_activations(x).to(dtype)
     idx, classes = encode_labels(labels, x.shape[0])
     y = idx[:, None] if idx.dim() == 1 else idx
     tr, va, te = split if split is not None else split_indices(x.shape[0], fractions, seed, groups)
@@ -303,18 +306,19 @@ def train_probe(x: Any, labels: Any, *, l2_grid: Sequence[float] = DEFAULT_L2_GR
     best_acc = torch.full((y.shape[1],), -float("inf"), dtype=torch.float64)  # best validation score
     best_w: Tensor | None = None
     best_b: Tensor | None = None
-    best_l2 = torch.zeros(y.shape[1], dtype=torch.float64)
+    best_l2 = torch.zeros(y.shape[1], dtype=dtype)
     curve: dict[float, Tensor] = {}
     prev: LinearProbe | None = None
     converged = True
     for l2 in grid:
         # y holds class indices here, so the fit's label space is 0..K-1 (the values come back below)
-        probe = fit_probe(x[tr], y[tr], l2, classes=torch.arange(classes.numel()), max_iter=max_iter, init=prev)
+        probe = fit_probe(x[tr], y[tr], l2, classes=torch.arange(classes.numel()), max_iter=max_iter, init=prev,
+                          dtype=dtype)
         prev, converged = probe, converged and probe.converged
         acc = (probe.predict_index(x[va]) == y[va]).double().mean(0)
         curve[l2] = acc
         score = acc if select_by == "accuracy" else \
-            probe.log_proba(x[va]).gather(-1, y[va][..., None])[..., 0].mean(0)  # [m] mean log-likelihood
+            probe.log_proba(x[va]).gather(-1, y[va][..., None])[..., 0].mean(0).double()  # [m] mean log-likelihood
         better = score > best_acc + 1e-12
         best_acc = torch.where(better, score, best_acc)
         best_l2 = torch.where(better, torch.full_like(best_l2, l2), best_l2)

@@ -141,7 +141,7 @@ def caa_vectors(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], w
 
 
 def steering_baseline(model: nn.Module, task: SupervisedTask, sites: Sequence[Site],
-                      coeffs: Sequence[float] = (0.5, 1.0, 2.0, 4.0), n_select: int = 200) -> tuple[Forward, dict]:
+                      coeffs: Sequence[float] = (0.5, 1.0, 2.0, 4.0), n_select: int = 100) -> tuple[Forward, dict]:
     """The best (site, prompt position, coefficient) for the contrastive vector, chosen by accuracy
     on training examples: a tuned steering baseline, not a strawman."""
     select = list(task.train[:n_select])
@@ -149,6 +149,8 @@ def steering_baseline(model: nn.Module, task: SupervisedTask, sites: Sequence[Si
     grid = {}
     for where in task.steer_positions:
         for site, v in zip(sites, caa_vectors(model, task, sites, where)):
+            if float(v.norm()) < 1e-6:  # nothing differs there (e.g. an embedding the instruction cannot reach)
+                continue
             for c in coeffs:
                 fwd = steering_forward(model, v, site, c, where)
                 acc = task.accuracy(fwd, select)

@@ -66,7 +66,7 @@ def train_loop(params: Sequence[nn.Parameter], loss_fn: Callable[[Any], Tensor],
         torch.nn.utils.clip_grad_norm_(params, recipe.clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and (step % 100 == 0 or step == recipe.steps - 1):
             log(f"step {step}: loss {losses[-1]:.4f}")
     return losses

@@ -129,10 +129,10 @@ class TrainBatch:
     prompt_len: Tensor
 
 
-def train_batch(batch: Sequence[Example]) -> TrainBatch:
+def train_batch(batch: Sequence[Example], pad_id: int = PAD) -> TrainBatch:
     """Teacher forcing: position t predicts token t+1; only answer tokens are scored."""
     seqs = [list(e.prompt) + list(e.answer) for e in batch]
-    inputs = collate([s[:-1] for s in seqs], pad_id=PAD, side="left")
+    inputs = collate([s[:-1] for s in seqs], pad_id=pad_id, side="left")
     width = inputs["input_ids"].shape[1]
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     starts = torch.zeros(len(batch), dtype=torch.long)
@@ -145,9 +145,9 @@ def train_batch(batch: Sequence[Example]) -> TrainBatch:
     return TrainBatch(inputs, labels, starts, lens)
 
 
-def prompt_batch(batch: Sequence[Example]) -> dict[str, Tensor]:
+def prompt_batch(batch: Sequence[Example], pad_id: int = PAD) -> dict[str, Tensor]:
     """Left-padded prompts only, for generation."""
-    return collate([list(e.prompt) for e in batch], pad_id=PAD, side="left")
+    return collate([list(e.prompt) for e in batch], pad_id=pad_id, side="left")
 
 
 def extend(inputs: dict[str, Tensor], token: Tensor) -> dict[str, Tensor]:
@@ -171,10 +171,11 @@ def plain(model: nn.Module) -> Forward:
 
 
 @torch.no_grad()
-def generate(forward: Forward, batch: Sequence[Example], max_new: int | None = None) -> list[list[int]]:
+def generate(forward: Forward, batch: Sequence[Example], max_new: int | None = None,
+             pad_id: int = PAD) -> list[list[int]]:
     """Greedy answers of a (possibly intervened) model; prompts are left-padded, so the prompt
     positions stay where they are while tokens are appended."""
-    inputs = prompt_batch(batch)
+    inputs = prompt_batch(batch, pad_id)
     lens = inputs["attention_mask"].sum(1)
     starts = inputs["attention_mask"].shape[1] - lens
     steps = max_new or max(len(e.answer) for e in batch)
@@ -187,14 +188,14 @@ def generate(forward: Forward, batch: Sequence[Example], max_new: int | None = N
     return [g[:len(e.answer)] for g, e in zip(gen, batch)]
 
 
-def exact_match(forward: Forward, data: Sequence[Example], batch_size: int = 256) -> float:
+def exact_match(forward: Forward, data: Sequence[Example], batch_size: int = 256, pad_id: int = PAD) -> float:
     """Fraction of examples whose greedy answer (with EOS) is exactly right."""
     if not data:
         raise ValueError("exact_match needs at least one example")
     hits = 0
     for start in range(0, len(data), batch_size):
         chunk = data[start:start + batch_size]
-        hits += sum(list(e.answer) == g for e, g in zip(chunk, generate(forward, chunk)))
+        hits += sum(list(e.answer) == g for e, g in zip(chunk, generate(forward, chunk, pad_id=pad_id)))
     return hits / len(data)
 
 
@@ -262,3 +263,11 @@ def load(path: Path = CHECKPOINT) -> Transformer:
     model = Transformer(MODEL)
     load_module_state(path, model)
     return model.eval()
+
+
+def train_and_ship(out_dir: Path, log: Any = None) -> list[Path]:
+    """``mechscope train``'s entry: train by :class:`Recipe` and write the checkpoint into ``out_dir``."""
+    recipe = Recipe()
+    path = Path(out_dir) / CHECKPOINT.name
+    save(train(recipe, log=log), path, recipe)
+    return [path]

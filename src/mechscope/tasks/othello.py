@@ -45,7 +45,7 @@ MAX_LEN = N_MOVES  # at most one move per non-centre square
 EMPTY, BLACK, WHITE = 0, 1, -1
 _DIRS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 CHECKPOINT = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints" / "othello.safetensors"
-MODEL = TransformerConfig(vocab=VOCAB, n_ctx=MAX_LEN, d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512)
+MODEL = TransformerConfig(vocab=VOCAB, n_ctx=MAX_LEN, d_model=96, n_layers=6, n_heads=4, d_head=24, d_mlp=192)
 
 
 # --------------------------------------------------------------------------- rules
@@ -72,48 +72,47 @@ def _steps() -> Tensor:
 STEPS = _steps()
 
 
-def _flips(board: Tensor, player: Tensor) -> Tensor:
-    """``[n, 36 (move square), 36 (flipped square)]``: the discs a move on each square would flip.
+def _lines(at: Tensor, me: Tensor, them: Tensor) -> tuple[Tensor, Tensor]:
+    """Along one direction, from values ``at`` [n, 5, ...] at steps 1..5: ``run`` (steps 1..j are all
+    the opponent's) and ``flip`` (step j is flipped by the move: in a run closed further on)."""
+    run_ = (at == them).cumprod(1).bool()
+    own_next = torch.zeros_like(run_)
+    own_next[:, :-1] = at[:, 1:] == me
+    closes = run_ & own_next  # the run of j opponent discs ends at an own disc at j+1
+    return run_, run_ & closes.flip(1).cummax(1).values.flip(1)
 
-    Along each direction from an empty move square, the discs at steps 1..j are flipped
-    when they are all the opponent's and the first square after them is the mover's.
-    """
-    n = board.shape[0]
-    flat = board.view(n, N_SQUARES)
-    pad = torch.cat([flat, torch.zeros(n, 1, dtype=flat.dtype)], 1)  # index -1 (off board) reads 0
-    me, them = player.to(flat.dtype)[:, None], -player.to(flat.dtype)[:, None]
-    flips = torch.zeros(n, N_SQUARES, N_SQUARES, dtype=torch.bool)
-    src = torch.arange(N_SQUARES)
-    for d in range(len(_DIRS)):
-        at = pad[:, STEPS[d]]  # [n, 5, 36] value j+1 steps away from each square
-        opp = at == them[:, :, None]
-        run_ = opp.cumprod(1).bool()  # [n, 5, 36]: steps 1..j all opponent
-        own_next = torch.cat([at[:, 1:] == me[:, :, None], torch.zeros(n, 1, N_SQUARES, dtype=torch.bool)], 1)
-        closes = run_ & own_next  # the run of j opponent discs is closed by an own disc at j+1
-        closed = closes.flip(1).cummax(1).values.flip(1)  # some run of length >= j closes
-        for j in range(SIZE - 1):
-            hit = run_[:, j] & closed[:, j]  # [n, 36]
-            ok = STEPS[d, j] >= 0
-            flips[:, src[ok], STEPS[d, j][ok]] |= hit[:, ok]
-    return flips & (flat == EMPTY)[:, :, None]
+
+def _padded(board: Tensor) -> Tensor:  # [n, 37]: index -1 (off the board) reads empty
+    flat = board.reshape(board.shape[0], N_SQUARES)
+    return torch.cat([flat, torch.zeros(flat.shape[0], 1, dtype=flat.dtype)], 1)
 
 
 def legal_moves(board: Tensor, player: Tensor) -> Tensor:  # [n, 36] bool
-    """Squares where ``player`` [n] (1 black, -1 white) may move."""
-    return _flips(board, player).any(-1)
+    """Squares where ``player`` [n] (1 black, -1 white) may move: empty, and flipping a line."""
+    pad = _padded(board)
+    me, them = player.to(pad.dtype)[:, None, None], -player.to(pad.dtype)[:, None, None]
+    legal = torch.zeros(board.shape[0], N_SQUARES, dtype=torch.bool)
+    for d in range(len(_DIRS)):
+        _, flip = _lines(pad[:, STEPS[d]], me, them)  # [n, 5, 36]
+        legal |= flip[:, 0]  # a line flips iff its first step flips
+    return legal & (pad[:, :N_SQUARES] == EMPTY)
 
 
 def play(board: Tensor, player: Tensor, square: Tensor) -> Tensor:
     """Boards after ``player`` moves at ``square`` [n] (row-major index; -1 = no move, board unchanged)."""
     n = board.shape[0]
-    flat = board.reshape(n, N_SQUARES).clone()
+    pad = _padded(board).clone()
     moving = square >= 0
     sq = square.clamp(min=0)
-    flipped = _flips(board, player)[torch.arange(n), sq] & moving[:, None]  # [n, 36]
-    p = player.to(flat.dtype)[:, None]
-    flat = torch.where(flipped, p, flat)
-    flat[moving, sq[moving]] = p[moving, 0]
-    return flat.view(n, SIZE, SIZE)
+    me, them = player.to(pad.dtype)[:, None], -player.to(pad.dtype)[:, None]
+    rows = torch.arange(n)[:, None]
+    for d in range(len(_DIRS)):
+        targets = STEPS[d][:, sq].T  # [n, 5] squares along the line (-1 off the board)
+        _, flip = _lines(_padded(board)[rows, targets], me, them)  # [n, 5]
+        flip &= moving[:, None]
+        pad[rows.expand_as(targets)[flip], targets[flip]] = me.expand_as(targets)[flip]
+    pad[moving, sq[moving]] = me[moving, 0]
+    return pad[:, :N_SQUARES].reshape(n, SIZE, SIZE)
 
 
 # --------------------------------------------------------------------------- games
@@ -145,12 +144,10 @@ def _to_tokens(square_mask: Tensor) -> Tensor:  # [..., 36] -> [..., 32]
 
 def _next_player(board: Tensor, player: Tensor) -> tuple[Tensor, Tensor]:
     """Who moves after ``player``'s opponent's turn: the opponent if it can, else ``player`` again, else 0."""
-    opp = -player
-    can_opp = legal_moves(board, opp).any(-1)
-    can_me = legal_moves(board, player).any(-1)
-    nxt = torch.where(can_opp, opp, torch.where(can_me, player, torch.zeros_like(player)))
-    legal = torch.where((nxt != 0)[:, None], legal_moves(board, torch.where(nxt == 0, player, nxt)),
-                        torch.zeros(board.shape[0], N_SQUARES, dtype=torch.bool))
+    legal_opp, legal_me = legal_moves(board, -player), legal_moves(board, player)
+    can_opp, can_me = legal_opp.any(-1), legal_me.any(-1)
+    nxt = torch.where(can_opp, -player, torch.where(can_me, player, torch.zeros_like(player)))
+    legal = torch.where(can_opp[:, None], legal_opp, legal_me & can_me[:, None])
     return nxt, legal
 
 
@@ -195,3 +192,244 @@ def relative_states(games: Games) -> Tensor:  # [n, T, 36] in {0 empty, 1 mine, 
 def absolute_states(games: Games) -> Tensor:  # [n, T, 36] in {0 empty, 1 black, 2 white}
     b = games.boards.long()
     return torch.where(b == 0, 0, torch.where(b == BLACK, 1, 2))
+
+
+# --------------------------------------------------------------------------- the world model
+@dataclass(frozen=True)
+class Recipe:
+    """Training of the world model. The target at each move is the exact distribution of the
+    next move in the data (uniform over the legal moves): the expected next-token loss, with
+    less variance than one sampled move."""
+
+    games: int = 40_000
+    steps: int = 8000
+    batch: int = 64
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    chunk: int = 5000  # games generated at once
+
+
+def build_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(MODEL)
+
+
+def dataset(n: int, seed: int = 0, chunk: int = 5000) -> Games:
+    """``n`` random games, generated in chunks (each chunk seeded from ``seed``)."""
+    parts = [random_games(min(chunk, n - i), seed * 1_000 + i // chunk) for i in range(0, n, chunk)]
+    return Games(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Games)))
+
+
+def next_move_loss(logits: Tensor, games: Games) -> Tensor:
+    """Cross-entropy against the uniform distribution over the legal next moves (positions where one exists)."""
+    legal = games.legal_next.float()  # [n, T, 32]
+    has = legal.sum(-1) > 0
+    target = legal / legal.sum(-1, keepdim=True).clamp_min(1)
+    logp = logits[..., :N_MOVES].log_softmax(-1)
+    return -(target * logp).sum(-1)[has].mean()
+
+
+def _subset(games: Games, idx: Tensor) -> Games:
+    return Games(*(getattr(games, f.name)[idx] for f in dataclasses.fields(Games)))
+
+
+def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
+    """Train the world model on random legal games (minutes on one thread)."""
+    data = dataset(recipe.games, recipe.seed, recipe.chunk)
+    model = build_model(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for step in range(recipe.steps):
+        batch = _subset(data, torch.randint(recipe.games, (recipe.batch,), generator=gen))
+        loss = next_move_loss(model(batch.tokens), batch)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log and (step % 250 == 0 or step == recipe.steps - 1):
+            log(f"step {step}: loss {loss.item():.4f}")
+    return model.eval()
+
+
+def save(model: Transformer, path: Path = CHECKPOINT, recipe: Recipe = Recipe()) -> None:
+    from mechscope.core.checkpoint import save_module
+
+    save_module(path, model, {"model": dataclasses.asdict(MODEL), "recipe": dataclasses.asdict(recipe)})
+
+
+def load(path: Path = CHECKPOINT) -> Transformer:
+    """The shipped (or a retrained) world model, in eval mode."""
+    from mechscope.core.checkpoint import MissingCheckpointError, load_module_state
+
+    if not Path(path).exists():
+        raise MissingCheckpointError(f"no Othello checkpoint at {path}; run `mechscope train othello`")
+    model = Transformer(MODEL)
+    load_module_state(path, model)
+    return model.eval()
+
+
+@torch.no_grad()
+def legal_top1(model: Transformer, games: Games) -> float:
+    """Fraction of positions (with a next move) whose top prediction is a legal move."""
+    top = model(games.tokens)[..., :N_MOVES].argmax(-1)  # [n, T]
+    has = games.legal_next.any(-1)
+    return float(games.legal_next.gather(2, top[..., None])[..., 0][has].double().mean())
+
+
+def predicted_set(logits: Tensor, k: Tensor) -> Tensor:  # [n, 32] logits, [n] sizes -> [n, 32] bool
+    """The model's ``k`` most likely moves, as a mask (its predicted legal moves)."""
+    order = logits[..., :N_MOVES].argsort(-1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(N_MOVES).expand_as(order))
+    return ranks < k[:, None]
+
+
+# --------------------------------------------------------------------------- probing and editing
+def probe_rows(games: Games, per_game: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``per_game`` random positions of each game where a player is to move: (game index, move index)."""
+    gen = torch.Generator().manual_seed(seed)
+    ok = games.next_player != 0  # [n, T]
+    score = torch.rand(ok.shape, generator=gen).masked_fill(~ok, -1.0)
+    pos = score.topk(per_game, dim=1).indices  # [n, per_game]
+    keep = ok.gather(1, pos)
+    game = torch.arange(ok.shape[0])[:, None].expand_as(pos)
+    return game[keep], pos[keep]
+
+
+@torch.no_grad()
+def residuals(model: Transformer, games: Games, layers: list[int], game: Tensor, pos: Tensor,
+              batch: int = 500) -> dict[int, Tensor]:
+    """Residual stream after block ``l`` (``-1``: the embeddings) at the given rows: ``{l: [N, d]}``."""
+    from mechscope.core.run import cache
+    from mechscope.core.site import Site
+
+    sites = {l: Site("blocks.0", io="input") if l == -1 else Site(f"blocks.{l}") for l in layers}
+    out: dict[int, list[Tensor]] = {l: [] for l in layers}
+    for start in range(0, len(game), batch):
+        g, p = game[start:start + batch], pos[start:start + batch]
+        acts = cache(model, games.tokens[g], list(sites.values()))
+        for l, site in sites.items():
+            out[l].append(acts[site][torch.arange(len(g)), p])  # [b, d]
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+@dataclass(frozen=True)
+class EditCases:
+    """Positions to edit: flip ``square`` (mine <-> theirs) in game ``game`` after move ``pos``.
+
+    ``source`` / ``target``: the square's relative class before / after (1 mine, 2 theirs);
+    ``legal_edited`` [N, 32] the legal next moves on the edited board; ``legal_clean`` on the real one.
+    """
+
+    game: Tensor
+    pos: Tensor
+    square: Tensor
+    source: Tensor
+    target: Tensor
+    legal_clean: Tensor
+    legal_edited: Tensor
+
+
+def edit_cases(games: Games, n: int, seed: int = 0, min_pos: int = 6, max_pos: int = 26) -> EditCases:
+    """``n`` edits of mid-game positions whose flip changes the set of legal next moves."""
+    gen = torch.Generator().manual_seed(seed)
+    rel = relative_states(games)
+    picked: list[tuple[int, int, int]] = []
+    tries = 0
+    while len(picked) < n and tries < 50 * n:
+        tries += 1
+        g = int(torch.randint(games.tokens.shape[0], (1,), generator=gen))
+        t = int(torch.randint(min_pos, max_pos + 1, (1,), generator=gen))
+        if t >= int(games.length[g]) or int(games.next_player[g, t]) == 0:
+            continue
+        occupied = torch.nonzero(rel[g, t] != 0).flatten()
+        sq = int(occupied[torch.randint(len(occupied), (1,), generator=gen)])
+        board = games.boards[g, t].clone().view(1, SIZE, SIZE)
+        board.view(-1)[sq] = -board.view(-1)[sq]
+        player = games.next_player[g, t].view(1)
+        edited = _to_tokens(legal_moves(board, player))[0]
+        if edited.any() and not torch.equal(edited, games.legal_next[g, t]):
+            picked.append((g, t, sq))
+    if len(picked) < n:
+        raise ValueError(f"found only {len(picked)} positions whose flip changes the legal moves; give more games")
+    g, t, sq = (torch.tensor(v) for v in zip(*picked))
+    src = rel[g, t, sq]
+    boards = games.boards[g, t].clone()
+    boards[torch.arange(n), sq] = -boards[torch.arange(n), sq]
+    edited = _to_tokens(legal_moves(boards.view(n, SIZE, SIZE), games.next_player[g, t]))
+    return EditCases(g, t, sq, src, 3 - src, games.legal_next[g, t], edited)
+
+
+@dataclass(frozen=True, eq=False)
+class Reflect:
+    """An intervention: per example, mirror the probe's margin of ``source`` over ``target``.
+
+    ``normal`` [batch, d] is ``D_source - D_target`` and ``offset`` [batch] the bias difference of the
+    probe (raw activation space), so that the margin is ``x . normal + offset``; the edit
+    ``x - 2 * margin * normal / |normal|^2`` turns the margin into its negative. With
+    ``random`` set, the same displacement length goes along that random direction instead.
+    """
+
+    normal: Tensor
+    offset: Tensor
+    random: Tensor | None = None  # [batch, d] unit directions for the control edit
+
+    def __call__(self, view: Tensor, call: Any = None) -> Tensor:  # view [batch, 1, d]
+        x = view[:, 0].double()
+        g = self.normal.double()
+        margin = (x * g).sum(-1) + self.offset.double()
+        step = -2 * margin[:, None] * g / (g * g).sum(-1, keepdim=True)
+        if self.random is not None:
+            step = self.random.double() * step.norm(dim=-1, keepdim=True)
+        return (x + step).to(view.dtype)[:, None]
+
+
+def probe_edit(model: Transformer, games: Games, cases: EditCases, probes: dict[int, Any],
+               random_seed: int | None = None) -> dict[str, float]:
+    """Run every case with the square flipped along the relative probes of ``probes`` ({layer: LinearProbe}).
+
+    Success: the model's top-k moves (k = number of legal moves on the edited board) are exactly
+    the edited board's legal moves. Returns the success rate, the mean number of wrong moves
+    (Li et al.'s error count) and the same for the unedited model against the edited board.
+    """
+    from mechscope.core.run import run
+    from mechscope.core.site import Site
+
+    n = len(cases.game)
+    idx = cases.pos[:, None]
+    plan = []
+    for layer, probe in probes.items():
+        dirs = probe.directions()  # [36, d, 3] raw-space directions per square
+        beta = probe.bias - (probe.mean[None, :, None] * dirs).sum(1)  # [36, 3] raw-space bias
+        d_src = dirs[cases.square, :, cases.source]
+        d_tgt = dirs[cases.square, :, cases.target]
+        off = beta[cases.square, cases.source] - beta[cases.square, cases.target]
+        rnd = None
+        if random_seed is not None:
+            rnd = torch.randn(n, d_src.shape[1], generator=torch.Generator().manual_seed(random_seed + layer))
+            rnd = rnd / rnd.norm(dim=-1, keepdim=True)
+        plan.append((Site(f"blocks.{layer}", positions=idx), Reflect(d_src - d_tgt, off, rnd)))
+    with torch.no_grad():
+        tokens = games.tokens[cases.game]
+        edited = run(model, tokens, plan)[0][torch.arange(n), cases.pos]
+        clean = model(tokens)[torch.arange(n), cases.pos]
+    k = cases.legal_edited.sum(-1)
+    out = {}
+    for name, logits in (("edited", edited), ("clean", clean)):
+        pred = predicted_set(logits, k)
+        wrong = (pred & ~cases.legal_edited).sum(-1)
+        out[f"{name}_success"] = float((wrong == 0).double().mean())
+        out[f"{name}_errors"] = float(wrong.double().mean())
+    return out
+
+
+def train_and_ship(out_dir: Path, log: Any = None) -> list[Path]:
+    """``mechscope train``'s entry: train by :class:`Recipe` and write the checkpoint into ``out_dir``."""
+    recipe = Recipe()
+    path = Path(out_dir) / CHECKPOINT.name
+    save(train(recipe, log=log), path, recipe)
+    return [path]

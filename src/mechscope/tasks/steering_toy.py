@@ -178,3 +178,11 @@ def concept_direction(model: Transformer, site: Any, n: int = 2000, seed: int = 
 
     marked, plain = pairs(n, seed)
     return paired_mean_difference(activations(model, marked, site), activations(model, plain, site))
+
+
+def train_and_ship(out_dir: Path, log: Any = None) -> list[Path]:
+    """``mechscope train``'s entry: train by :class:`Recipe` and write the checkpoint into ``out_dir``."""
+    recipe = Recipe()
+    path = Path(out_dir) / CHECKPOINT.name
+    save(train(recipe, log=log), path, recipe)
+    return [path]

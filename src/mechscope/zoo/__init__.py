@@ -58,3 +58,24 @@ def _gpt2_small(**cfg: Any) -> nn.Module:
 
     base = dict(vocab=50257, n_ctx=1024, d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072)
     return Transformer(TransformerConfig(**{**base, **cfg}))
+
+
+@register("steering_toy", "trained 3-layer transformer that emits R when a planted concept (a marked token) is present")
+def _steering_toy() -> nn.Module:
+    from mechscope.tasks.steering_toy import load
+
+    return load()
+
+
+@register("instructions", "trained 3-layer transformer following instruction tokens (copy, reverse, sort, shift)")
+def _instructions() -> nn.Module:
+    from mechscope.tasks.instructions import load
+
+    return load()
+
+
+@register("othello", "trained 4-layer world model of 6x6 Othello (legal moves of random games)")
+def _othello() -> nn.Module:
+    from mechscope.tasks.othello import load
+
+    return load()

@@ -1,0 +1,144 @@
+"""``mechscope probe``: a linear probe at a site, beside its controls (and optionally the online
+code and k-sparse probes).
+
+Data: a built-in dataset (``steering_toy``: the concept bit; ``othello``: the 36 squares'
+states) or a JSON-lines file of ``{"tokens": [ids], "label": int}`` rows (optionally
+``"type"``: the input type for the control task; by default the token at the probed
+position). Models: a built-in one (``--model``) or a random Hugging Face causal LM from
+a config (``--hf-config``; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Literal, Optional
+
+from mechscope.cli import UsageError
+from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+
+@config
+class ProbeConfig(Config):
+    """Options of ``mechscope probe``."""
+
+    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (default: the dataset's own)")
+    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    data: str = param("steering_toy", metavar="NAME_OR_JSONL", help="steering_toy, othello, or a JSON-lines file")
+    site: str = param("resid_post.1", help="site alias (resid_post.L, mlp_hidden.L, ...) or module path")
+    coding: Literal["relative", "absolute"] = param("relative", help="othello: square states relative to the mover, or absolute")
+    n: int = param(1000, help="examples drawn from a built-in dataset")
+    controls: bool = param(True, help="also fit the control task and shuffled labels")
+    mdl: bool = param(False, help="also compute the online codelength (binary or multi-class, one task)")
+    sparse_k: int = param(0, metavar="K", help="also fit k-sparse probes with K neurons (binary labels)")
+    seed: int = param(0, help="seed for data and splits")
+    json: bool = param(False, help="print JSON")
+
+    def validate(self) -> None:
+        if self.model is not None and self.hf_config is not None:
+            raise ConfigError("give at most one of --model and --hf-config")
+        if self.n < 20 or self.sparse_k < 0:
+            raise ConfigError("--n must be >= 20 and --sparse-k >= 0")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("probe", help="fit a linear probe at a site, with controls",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, ProbeConfig)
+    return parser
+
+
+def load_model(model: Optional[str], hf_config: Optional[str], default: str) -> Any:
+    """A built-in model by name, or a random HF causal LM from a config (usage errors for bad names)."""
+    from mechscope.cli.sites import SitesConfig
+    from mechscope.cli.sites import load_model as load
+
+    if hf_config is not None:
+        return load(SitesConfig(hf_config=hf_config))
+    return load(SitesConfig(model=model or default))
+
+
+def resolve_site(model: Any, spec: str, **fields: Any) -> Any:
+    from mechscope.core.models import resolve
+    from mechscope.core.site import SiteError
+
+    try:
+        return resolve(model, spec, **fields)
+    except (SiteError, ValueError) as e:
+        raise UsageError(f"cannot use site {spec!r}: {e}") from None
+
+
+def dataset(cfg: ProbeConfig, model: Any) -> tuple[Any, Any, Any, Any]:
+    """(inputs, labels, types, positions) for the probe; positions None = each example's last token."""
+    import torch
+
+    if cfg.data == "steering_toy":
+        from mechscope.tasks import steering_toy as st
+
+        b = st.sample(cfg.n, seed=cfg.seed)
+        return b.ids, b.concept.long(), b.symbols[:, -1], [st.QUERY_POS]
+    if cfg.data == "othello":
+        from mechscope.tasks import othello as oth
+
+        games = oth.random_games(max(2, cfg.n // 8), seed=cfg.seed)
+        game, pos = oth.probe_rows(games, 8, seed=cfg.seed)
+        states = oth.relative_states(games) if cfg.coding == "relative" else oth.absolute_states(games)
+        return games.tokens[game], states[game, pos], games.tokens[game, pos], pos[:, None]
+    from mechscope.probe.collect import read_jsonl, token_batch
+
+    rows = read_jsonl(cfg.data, ("tokens", "label"))
+    batch = token_batch(rows)
+    last = batch["attention_mask"].sum(1) - 1
+    types = torch.tensor([r["type"] for r in rows]) if all("type" in r for r in rows) else \
+        batch["input_ids"][torch.arange(len(rows)), last]
+    return batch, torch.tensor([r["label"] for r in rows]), types, None
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ProbeConfig, args)
+    import torch
+
+    from mechscope.probe.collect import activations
+    from mechscope.probe.control import probe_with_controls
+    from mechscope.probe.linear import ProbeError, train_probe
+
+    default = "othello" if cfg.data == "othello" else "steering_toy"
+    model = load_model(cfg.model, cfg.hf_config, default)
+    inputs, labels, types, positions = dataset(cfg, model)
+    site = resolve_site(model, cfg.site, positions=positions if isinstance(positions, list) else
+                        (torch.as_tensor(positions) if positions is not None else "last"))
+    try:
+        x = activations(model, inputs, site)
+        report: dict[str, Any] = {"site": str(site), "rows": int(x.shape[0]), "width": int(x.shape[1])}
+        if cfg.controls:
+            report.update(probe_with_controls(x, labels, types, seed=cfg.seed).summary())
+        else:
+            report.update(train_probe(x, labels, seed=cfg.seed).summary())
+        if cfg.mdl:
+            from mechscope.probe.mdl import online_codelength
+            if labels.dim() != 1:
+                raise UsageError("--mdl takes one task's labels; this dataset has several (othello squares)")
+            report["mdl"] = online_codelength(x, labels, seed=cfg.seed).summary()
+        if cfg.sparse_k:
+            from mechscope.probe.sparse import RANKINGS, sparse_probe
+            report["sparse"] = [sparse_probe(x, labels, cfg.sparse_k, m, seed=cfg.seed).summary() for m in RANKINGS]
+    except ProbeError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(report, indent=2) if cfg.json else render(report))
+    return 0
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"probe at {report['site']}: {report['rows']} rows of width {report['width']}"]
+    for key in ("accuracy", "test_accuracy", "control_accuracy", "selectivity", "shuffled_accuracy", "majority_accuracy"):
+        if report.get(key) is not None:
+            lines.append(f"  {key:18s} {report[key]:.4f}")
+    if "mdl" in report:
+        m = report["mdl"]
+        lines.append(f"  online code        {m['codelength_bits']:.1f} bits (uniform {m['uniform_bits']:.1f}, "
+                     f"compression {m['compression']:.3f})")
+    for s in report.get("sparse", []):
+        lines.append(f"  {s['k']}-sparse {s['method']:11s} F1 {s['f1']:.3f}  neurons {s['neurons']}")
+    return "\n".join(lines)

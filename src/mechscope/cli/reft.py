@@ -1,0 +1,129 @@
+"""``mechscope reft``: train a LoReFT / DiReFT intervention with the model frozen, score it, save it;
+with ``--compare``, the whole baseline table (prompting, steering, LoReFT, DiReFT, LoRA, full
+finetuning) on the same data.
+
+Data: the built-in ``instructions`` task (make the instruction model reverse without being
+told) or a JSON-lines file of ``{"prompt": [ids], "answer": [ids], "split": "train" | "test"
+| "unrelated"}`` rows (answers scored by exact greedy match; KL on the ``unrelated`` rows).
+Interventions sit on the residual stream entering each chosen block (``resid_pre.L``) at
+the first and last prompt tokens (``--positions f2+l2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from mechscope.cli import UsageError
+from mechscope.cli.probe import load_model, resolve_site
+from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+
+DESCRIPTION = __doc__.split("\n\n", 1)[1]
+
+
+@config
+class ReftConfig(Config):
+    """Options of ``mechscope reft``."""
+
+    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (default: instructions)")
+    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    data: str = param("instructions", metavar="NAME_OR_JSONL", help="instructions or a JSON-lines file")
+    kind: Literal["loreft", "direft"] = param("loreft", help="the intervention")
+    rank: int = param(4, help="rank r of the intervention")
+    positions: str = param("f2+l2", help="first / last prompt tokens to intervene at, e.g. f2+l2, l1")
+    layers: tuple[int, ...] = param((), metavar="L[,L...]", help="blocks whose input is intervened (default: all)")
+    steps: int = param(400, help="training steps")
+    lr: float = param(1e-2, help="learning rate (AdamW, one-cycle)")
+    batch: int = param(32, help="batch size")
+    n_train: int = param(1000, help="training examples (built-in task)")
+    n_test: int = param(300, help="test and unrelated examples (built-in task)")
+    compare: bool = param(False, help="run every baseline on the same data and print the table")
+    save: Optional[Path] = param(None, metavar="FILE", help="write the trained intervention (safetensors)")
+    seed: int = param(0, help="seed for data and initialisation")
+    json: bool = param(False, help="print JSON")
+
+    def validate(self) -> None:
+        if self.model is not None and self.hf_config is not None:
+            raise ConfigError("give at most one of --model and --hf-config")
+        if self.rank < 1 or self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ConfigError("--rank, --steps and --batch must be >= 1 and --lr > 0")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("reft", help="representation finetuning (LoReFT, DiReFT) and its baselines",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, ReftConfig)
+    return parser
+
+
+def task_from(cfg: ReftConfig) -> Any:
+    """The :class:`~mechscope.steer.baselines.SupervisedTask` the options name."""
+    from mechscope.tasks import instructions as ins
+
+    if cfg.data == "instructions":
+        return ins.comparison_task(cfg.n_train, cfg.n_test, cfg.n_test, seed=cfg.seed)
+    from mechscope.probe.collect import read_jsonl
+    from mechscope.steer.baselines import SupervisedTask
+
+    rows = read_jsonl(cfg.data, ("prompt", "answer"))
+    split: dict[str, list[Any]] = {"train": [], "test": [], "unrelated": []}
+    for i, r in enumerate(rows):
+        name = r.get("split", "train")
+        if name not in split:
+            raise UsageError(f"{cfg.data}: row {i} has split {name!r}; use train, test or unrelated")
+        split[name].append(ins.Example(tuple(r["prompt"]), tuple(r["answer"])))
+    if not split["train"] or not split["test"]:
+        raise UsageError(f"{cfg.data}: need rows with split 'train' and 'test' (got {len(split['train'])} and "
+                         f"{len(split['test'])})")
+    return SupervisedTask(split["train"], split["test"], [], [], split["unrelated"],
+                          batch=partial(ins.train_batch, pad_id=0), accuracy=partial(ins.exact_match, pad_id=0))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ReftConfig, args)
+    import torch
+
+    from mechscope.core.models import structure
+    from mechscope.steer.baselines import MethodResult, _batches, compare, kl_unrelated, plain, reft_forward
+    from mechscope.steer.finetune import TrainRecipe, frozen, train_reft
+    from mechscope.steer.reft import Reft, ReftError, n_trainable, save_reft
+
+    model = frozen(load_model(cfg.model, cfg.hf_config, "instructions"))
+    s = structure(model)
+    layers = list(cfg.layers) or list(range(s.n_layers))
+    sites = [resolve_site(model, f"resid_pre.{l}") for l in layers]
+    task = task_from(cfg)
+    recipe = TrainRecipe(steps=cfg.steps, lr=cfg.lr)
+    try:
+        if cfg.compare:
+            if not task.prompted_test:
+                raise UsageError("--compare needs prompted examples (the built-in instructions task)")
+            rows = compare(model, task, sites, s.d_model, recipe=recipe, batch_size=cfg.batch, rank=cfg.rank,
+                           positions=cfg.positions, seed=cfg.seed, full_lr=1e-3)
+        else:
+            torch.manual_seed(cfg.seed)
+            reft = Reft(sites, s.d_model, cfg.kind, cfg.rank, cfg.positions, cfg.seed)
+            losses = train_reft(model, reft, _batches(task, cfg.batch, cfg.seed), recipe)
+            fwd = reft_forward(model, reft)
+            kl = kl_unrelated(plain(model), fwd, task) if task.unrelated else float("nan")
+            rows = [MethodResult(cfg.kind, n_trainable(reft), task.accuracy(fwd, task.test), kl,
+                                 {"final_loss": losses[-1], "base_accuracy": task.accuracy(plain(model), task.test)})]
+            if cfg.save:
+                save_reft(cfg.save, reft)
+    except ReftError as e:
+        raise UsageError(str(e)) from None
+    table = [r.row() for r in rows]
+    for r in table:
+        r.pop("selection", None)
+    if cfg.json:
+        print(json.dumps({"sites": [str(x) for x in sites], "rows": table}, indent=2, default=str))
+    else:
+        print(f"{'method':16s} {'params':>9s} {'accuracy':>9s} {'KL unrelated':>13s}")
+        for r in table:
+            print(f"{r['method']:16s} {r['trainable_params']:9d} {r['accuracy']:9.3f} {r['kl_unrelated']:13.4f}")
+        if cfg.save and not cfg.compare:
+            print(f"saved {cfg.kind} to {cfg.save}")
+    return 0
