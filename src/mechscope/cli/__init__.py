@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import importlib.util
 import sys
 from types import ModuleType
 from typing import Sequence
 
-SUBCOMMANDS = ("bench", "report", "sites", "train")
+SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae")
 
 
 class UsageError(Exception):
@@ -31,7 +32,17 @@ def _subcommand(name: str) -> ModuleType | None:
     return importlib.import_module(module)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _summary(module: ModuleType) -> str:
+    """First sentence of a subcommand module's docstring, without its ``mechscope X``: prefix."""
+    doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    doc = re.sub(r"^``[^`]*``:\s*", "", doc)
+    return getattr(module, "HELP", doc.split(". ")[0].rstrip("."))
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Only the subcommand named in ``argv`` gets its full parser
+    (whose options may need torch-backed configs); the others are listed by their
+    one-line summary, so ``mechscope --help`` stays fast and imports no torch."""
     from mechscope import __version__
 
     parser = argparse.ArgumentParser(
@@ -41,10 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mechscope COMMAND --help` for the options of a command.")
     parser.add_argument("--version", action="version", version=f"mechscope {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    words = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((w for w in words if not w.startswith("-")), None)
     for name in SUBCOMMANDS:
         module = _subcommand(name)
-        if module is not None:
-            module.add_parser(subparsers).set_defaults(_run=module.run)
+        if module is None:
+            continue
+        if chosen is None or name == chosen:
+            sub = module.add_parser(subparsers) if name == chosen else subparsers.add_parser(name, help=_summary(module))
+            sub.set_defaults(_run=module.run)
+        else:
+            subparsers.add_parser(name, help=_summary(module))
     return parser
 
 
@@ -52,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for bad usage)."""
     from mechscope.core.config import ConfigError
 
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error argparse printed
