@@ -95,3 +95,19 @@ def test_own_format_round_trip_with_metadata_and_half_precision(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         load_sae(tmp_path / "bad.safetensors")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """core.checkpoint fix: safetensors writes its file 0600; package data must stay readable (0644 under umask 022)."""
+    import os
+
+    from mechscope.core.checkpoint import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(2)})
+        save_sae(tmp_path / "s.safetensors", make_sae("topk"))
+    finally:
+        os.umask(old)
+    for name in ("t.safetensors", "s.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644

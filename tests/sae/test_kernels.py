@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mechscope.sae import kernels
 from mechscope.sae.kernels import dense_code, sparse_decode, topk_encode
 from tests.sae.conftest import make_sae
 
@@ -19,7 +20,9 @@ def _dense(x, b_pre, W_enc, b_enc, W_dec, b_dec, k, dead):
 @pytest.mark.parametrize("kind", ["sae", "transcoder"])
 @pytest.mark.parametrize("x_grad", [False, True])
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_sparse_gradients_equal_dense(kind, x_grad, with_dead):
+@pytest.mark.parametrize("chunk", [1024, 16])
+def test_sparse_gradients_equal_dense(kind, x_grad, with_dead, chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", chunk)  # 16: three row chunks, the last one partial
     sae = make_sae("topk", kind, d_in=12, d_sae=48, d_out=None if kind == "sae" else 7, k=5).train()
     x = torch.randn(40, 12, dtype=torch.float64, requires_grad=x_grad)
     sae = sae.double()

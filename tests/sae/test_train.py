@@ -97,6 +97,14 @@ def test_unit_norm_decoder_is_kept_and_recipes_differ_by_architecture():
     assert (topk.lr, topk.dead_fix, topk.aux_k, topk.normalize) == (2e-4, "auxk", 16, "unit")
 
 
+def test_untied_initialisation():
+    tied = Trainer(SAEConfig(d_in=32, d_sae=128), TrainConfig())
+    untied = Trainer(SAEConfig(d_in=32, d_sae=128), TrainConfig(tied_init=False))
+    assert torch.equal(tied.sae.W_enc, tied.sae.W_dec.T) and torch.equal(untied.sae.W_dec, tied.sae.W_dec)
+    assert torch.allclose(untied.sae.W_enc.norm(dim=0), torch.ones(128))
+    assert float((untied.sae.W_enc * untied.sae.W_dec.T).sum(0).abs().mean().detach()) < 0.3  # unrelated directions
+
+
 def test_learning_rate_schedule():
     assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
     assert lr_factor(50, 100, 10, 0.2) == 1.0

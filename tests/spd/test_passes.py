@@ -142,3 +142,27 @@ def test_nan_target_output_is_a_clear_error():
     dec = Decomposition(m, SPDConfig(sites=("encoder",), C=3))
     with pytest.raises(SPDError, match="NaN.*finite target"):
         target_pass(m, dec, torch.rand(4, 5))
+
+
+def test_an_inserted_identity_is_decomposed_like_a_matrix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.ReLU(), nn.Linear(4, 2))
+    model.requires_grad_(False)
+    x = torch.randn(6, 3)
+    dec = Decomposition(model, SPDConfig(sites=("0", "1", "3"), C=5), example_inputs=x)
+    target, acts = target_pass(model, dec, x)
+    inner = {p: dec.comps(p).inner(acts[p]) for p in dec.paths}
+    gen = torch.Generator().manual_seed(0)
+    masks = {p: torch.rand(*inner[p].shape, generator=gen) for p in dec.paths}
+    deltas = {p: torch.rand(6, generator=gen) for p in dec.paths}
+    for y1, y2 in zip(batched_masked_passes(model, dec, x, acts, inner, masks, deltas),
+                      sequential_masked_passes(model, dec, x, masks, deltas)):
+        assert torch.allclose(y1, y2, atol=1e-6)
+    # with U V = I on the identity and the delta at 1, the identity's replacement is exact
+    with torch.no_grad():
+        comps = dec.comps("1")
+        comps.U_param.zero_()
+        comps.V_param.zero_()
+        comps.U_param[:, :4] = torch.eye(4)
+        comps.V_param[:4] = torch.eye(4)
+    assert torch.allclose(masked_forward(model, dec, x, {"1": None}), target, atol=1e-6)

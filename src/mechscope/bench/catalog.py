@@ -13,6 +13,10 @@ import importlib
 CHECK_MODULES: list[str] = [
     "mechscope.bench.core_checks",
     "mechscope.bench.toy_checks",
+    "mechscope.bench.causal_checks",
+    "mechscope.bench.spd_checks",
+    "mechscope.bench.sae_checks",
+    "mechscope.bench.control_checks",
 ]
 
 

@@ -24,6 +24,21 @@ TRAINABLE: dict[str, str] = {
     "grokking_quick": "mechscope.circuits.modular:train_and_ship_quick",
     "induction": "mechscope.tasks.induction:train_and_ship",
     "induction_1l": "mechscope.tasks.induction:train_and_ship_1l",
+    "hierarchical_equality": "mechscope.tasks.hierarchical_equality:train_and_ship",
+    "price_tagging": "mechscope.tasks.price_tagging:train_and_ship",
+    "spd_tms_5_2": "mechscope.spd.targets:train_and_ship_tms_5_2",
+    "spd_tms_40_10": "mechscope.spd.targets:train_and_ship_tms_40_10",
+    "spd_tms_5_2_id": "mechscope.spd.targets:train_and_ship_tms_5_2_id",
+    "spd_resid_mlp": "mechscope.spd.targets:train_and_ship_resid_mlp",
+    "spd_tms_5_2_decomposition": "mechscope.spd.targets:decompose_and_ship_tms_5_2",
+    "spd_tms_40_10_decomposition": "mechscope.spd.targets:decompose_and_ship_tms_40_10",
+    "spd_tms_5_2_id_decomposition": "mechscope.spd.targets:decompose_and_ship_tms_5_2_id",
+    "spd_resid_mlp_decomposition": "mechscope.spd.targets:decompose_and_ship_resid_mlp",
+    "sae_synthetic": "mechscope.sae.recipes:train_and_ship_synthetic",
+    "sae_toy_worlds": "mechscope.sae.worlds:train_and_ship_toy_worlds",
+    "steering_toy": "mechscope.tasks.steering_toy:train_and_ship",
+    "instructions": "mechscope.tasks.instructions:train_and_ship",
+    "othello": "mechscope.tasks.othello:train_and_ship",
 }
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints"

@@ -99,8 +99,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors: 0600) gets the umask's mode back
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

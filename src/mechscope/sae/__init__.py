@@ -10,7 +10,8 @@
 - :mod:`~mechscope.sae.pages`: static HTML feature pages;
 - :mod:`~mechscope.sae.ddp`: data-parallel training under torchrun.
 
-Submodules are imported on first use, so ``import mechscope.sae`` stays cheap.
+The architectures and the trainer are imported with the package (``train`` is both a
+submodule and the function: the function wins here); the rest on first use.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mechscope.sae.arch import SAE, SAEConfig, SAEError, fold_decoder_norm, fold_scale, to_jumprelu
+from mechscope.sae.train import TrainConfig, Trainer, TrainResult, train
+
 _EXPORTS = {
-    **dict.fromkeys(["SAE", "SAEConfig", "SAEError", "fold_scale", "fold_decoder_norm", "to_jumprelu"],
-                    "mechscope.sae.arch"),
-    **dict.fromkeys(["TrainConfig", "Trainer", "TrainResult", "train"], "mechscope.sae.train"),
     **dict.fromkeys(["train_many", "live_activations", "store_batches"], "mechscope.sae.data"),
     **dict.fromkeys(["evaluate", "mmcs", "matched_correlation", "recovered_fraction", "density_histogram"],
                     "mechscope.sae.evals"),

@@ -133,8 +133,8 @@ def cosine_matrix(truth: Tensor, dictionary: Tensor) -> Tensor:  # [n, d], [m, d
     if truth.dim() != 2 or dictionary.dim() != 2 or truth.shape[1] != dictionary.shape[1]:
         raise SAEError(f"ground truth [n, d] and dictionary [m, d] must share d; got {list(truth.shape)} "
                        f"and {list(dictionary.shape)} (pass the decoder W_dec, whose rows are the directions)")
-    t = truth.double()
-    w = dictionary.double()
+    t = truth.detach().double()
+    w = dictionary.detach().double()
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
     w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return t @ w.T

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CHUNK = 1024  # rows of pre-activations computed and selected at a time
 
 def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     """A CSR matrix from (row, col, value) triplets; duplicates are summed by the product."""
@@ -43,11 +44,20 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_pre, W_enc, b_enc, k, dead):  # noqa: D401 - autograd API
         xc = x - b_pre if b_pre is not None else x  # [B, d_in]
-        h = torch.addmm(b_enc, xc, W_enc)  # [B, m]
-        vals, idx = h.topk(k, dim=-1, sorted=False)  # [B, k]
-        vals = vals.relu()
-        h_dead = h.index_select(1, dead) if dead is not None else h.new_zeros(x.shape[0], 0)  # [B, n_dead]
-        del h  # the dense pre-activations are not kept for backward
+        B, m = x.shape[0], W_enc.shape[1]
+        vals = xc.new_empty(B, k)
+        idx = torch.empty(B, k, dtype=torch.long, device=x.device)
+        h_dead = xc.new_empty(B, dead.numel() if dead is not None else 0)  # [B, n_dead]
+        # row chunks: each block of pre-activations is selected from while it is still in cache,
+        # and the dense [B, m] tensor never exists (memory O(CHUNK * m))
+        buf = xc.new_empty(min(B, CHUNK), m)
+        for s in range(0, B, CHUNK):
+            e = min(s + CHUNK, B)
+            h = torch.addmm(b_enc, xc[s:e], W_enc, out=buf[:e - s])  # [chunk, m]
+            torch.topk(h, k, dim=-1, sorted=False, out=(vals[s:e], idx[s:e]))
+            if dead is not None:
+                torch.index_select(h, 1, dead, out=h_dead[s:e])
+        vals = vals.relu_()
         ctx.has_b_pre = b_pre is not None
         ctx.save_for_backward(xc, W_enc, idx, vals, dead if dead is not None else idx.new_zeros(0))
         ctx.mark_non_differentiable(idx)

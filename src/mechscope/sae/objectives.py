@@ -60,8 +60,9 @@ def _fvu(e: Tensor, y: Tensor) -> Tensor:
     return e.pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def _skip(sae: SAE, x: Tensor) -> Tensor | float:
-    return x @ sae.W_skip.T if sae.cfg.kind == "skip_transcoder" else 0.0
+def _plus_skip(y_hat: Tensor, sae: SAE, x: Tensor) -> Tensor:
+    """``y_hat + x W_skipᵀ`` for a skip transcoder; ``y_hat`` itself otherwise (no extra pass)."""
+    return y_hat + x @ sae.W_skip.T if sae.cfg.kind == "skip_transcoder" else y_hat
 
 
 def _aux_loss(sae: SAE, e: Tensor, h_dead: Tensor, s: LossSettings) -> Tensor | None:
@@ -91,7 +92,7 @@ def topk_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> StepOutpu
     b_pre = sae.b_dec if sae.cfg.subtracts_b_dec else None
     dead = s.dead if s.dead is not None and s.dead.numel() and s.k_aux > 0 else None
     vals, idx, h_dead = topk_encode(x, b_pre, sae.W_enc, sae.b_enc, sae.cfg.k, dead)
-    y_hat = sparse_decode(vals, idx, sae.W_dec) + sae.b_dec + _skip(sae, x)  # [B, d_out]
+    y_hat = _plus_skip(torch.add(sparse_decode(vals, idx, sae.W_dec), sae.b_dec), sae, x)  # [B, d_out]
     e = y - y_hat
     recon = _fvu(e, y)
     aux = _aux_loss(sae, e, h_dead, s)
@@ -105,10 +106,9 @@ def batchtopk_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> Step
     """BatchTopK (and Matryoshka BatchTopK, on nested prefixes) + AuxK."""
     h = sae.pre_acts(x)  # [B, m]
     f = batch_topk(h, sae.cfg.k)  # [B, m]
-    skip = _skip(sae, x)
     if sae.cfg.arch == "matryoshka":
         widths, start = sae.cfg.widths(), 0
-        y_hat = sae.b_dec + skip
+        y_hat = _plus_skip(sae.b_dec.expand(x.shape[0], -1), sae, x)
         levels = []
         for w in widths:  # cumulative reconstruction from the first w latents
             y_hat = y_hat + f[:, start:w] @ sae.W_dec[start:w]
@@ -117,7 +117,7 @@ def batchtopk_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> Step
         recon = torch.stack(levels).mean()
         parts = {"recon": recon.item(), "recon_full": levels[-1].item()}
     else:
-        y_hat = f @ sae.W_dec + sae.b_dec + skip
+        y_hat = _plus_skip(f @ sae.W_dec + sae.b_dec, sae, x)
         recon = _fvu(y - y_hat, y)
         parts = {"recon": recon.item()}
     h_dead = h.index_select(1, s.dead) if s.dead is not None else None
@@ -134,7 +134,7 @@ def jumprelu_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> StepO
     h = sae.pre_acts(x)  # [B, m]
     eps = sae.cfg.bandwidth
     f = jumprelu(h, sae.threshold, eps)
-    y_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
+    y_hat = _plus_skip(f @ sae.W_dec + sae.b_dec, sae, x)
     mse = (y - y_hat).pow(2).sum(-1).mean()
     l0 = step(h, sae.threshold, eps, s.ste_to_input).sum(-1).mean()  # differentiable L0
     penalty = (l0 / sae.cfg.k - 1) ** 2 if s.l0_penalty == "target" else l0
@@ -147,7 +147,7 @@ def jumprelu_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> StepO
 def relu_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> StepOutput:
     """MSE + λ Σᵢ fᵢ‖W_dec,i‖ (the decoder norm inside the penalty: no norm constraint needed)."""
     f = sae.pre_acts(x).relu()  # [B, m]
-    y_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
+    y_hat = _plus_skip(f @ sae.W_dec + sae.b_dec, sae, x)
     mse = (y - y_hat).pow(2).sum(-1).mean()
     l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
     loss = mse + s.l1_coefficient * l1

@@ -31,11 +31,11 @@ def resample_dead(trainer: "Trainer", x_n: Tensor, y_hat: Tensor, y_n: Tensor) -
     dead = torch.nonzero(trainer.since_fired >= trainer.cfg.dead_tokens).flatten()
     if dead.numel() == 0:
         return False
-    n = min(dead.numel(), x_n.shape[0])
-    dead = dead[:n]
     err = (y_n - y_hat).norm(dim=-1)  # [B]
-    if float(err.sum()) <= 0:
+    n = min(dead.numel(), int((err > 0).sum()))  # sampled without replacement among imperfect inputs
+    if n == 0:
         return False
+    dead = dead[:n]
     picks = torch.multinomial(err, n, replacement=False)  # ∝ ‖y − ŷ‖
     vecs = x_n[picks] - (sae.b_dec if sae.cfg.subtracts_b_dec else 0)  # [n, d_in]
     unit = vecs / vecs.norm(dim=-1, keepdim=True).clamp_min(1e-12)

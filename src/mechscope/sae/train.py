@@ -67,6 +67,7 @@ class TrainConfig(Config):
     threshold_lr: float = param(0.01, help="batchtopk: θ <- (1-r)θ + r·min(kept activation) each step")
     unit_norm_decoder: Optional[bool] = param(None, help="keep decoder rows at unit norm (default per architecture)")
     init_b_dec: Literal["mean", "zero"] = param("mean", help="start b_dec at the first batch's mean, or at 0")
+    tied_init: bool = param(True, help="start an autoencoder's encoder at W_dec^T (off: an independent random encoder)")
     seed: int = param(0, help="seed of the initialisation")
     checkpoint_dir: Optional[Path] = param(None, help="write resumable checkpoints here (resumes from one found)")
     checkpoint_every: int = param(0, help="steps between checkpoints (0: only at the end)")
@@ -134,6 +135,14 @@ def lr_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> floa
     return f
 
 
+@torch.no_grad()
+def untie(sae: SAE, seed: int) -> None:
+    """Replace the tied encoder by independent random directions of the same (unit) column norm."""
+    gen = torch.Generator().manual_seed(seed + 10_007)
+    w = torch.randn(sae.d_in, sae.d_sae, generator=gen)
+    sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True) * sae.W_enc.norm(dim=0, keepdim=True))
+
+
 def _adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
     try:  # the fused kernel (CPU and GPU in torch >= 2.4) touches each parameter once per step
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
@@ -150,6 +159,8 @@ class Trainer:
         self.recipe = recipe(sae_cfg, self.cfg)
         self.comm = comm or Comm()
         self.sae = SAE(sae_cfg, seed=self.cfg.seed).to(device).train()
+        if not self.cfg.tied_init:
+            untie(self.sae, self.cfg.seed)
         self.opt = _adam(list(self.sae.parameters()), self.recipe.lr, self.recipe.betas, self.cfg.adam_eps)
         self.objective = OBJECTIVES[sae_cfg.arch]
         self.step_count = 0
@@ -215,7 +226,7 @@ class Trainer:
     def step(self, x: Tensor, y: Tensor | None = None) -> StepOutput:
         """One optimiser step on rows ``x [B, d_in]`` (and targets ``y`` for transcoders)."""
         y = self._check_batch(x, y)
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        if not (torch.isfinite(x).all() and (y is x or torch.isfinite(y).all())):
             raise SAEError(f"step {self.step_count}: the batch holds NaN or inf activations; check the model and site")
         if self.in_scale is None:
             self.initialise(x, y)
@@ -302,12 +313,14 @@ def _rows(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, data: Iterable[Any], *, comm: Comm | None = None,
-          device: str | torch.device = "cpu", on_log: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+          device: str | torch.device = "cpu",
+          on_log: Callable[[dict[str, float], "Trainer"], None] | None = None) -> TrainResult:
     """Train one dictionary for ``cfg.steps`` steps on ``data`` (rows, or (x, y) pairs).
 
     With ``cfg.checkpoint_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a run finds and resumes from it: the
     batches it already consumed are skipped, so ``data`` must yield the same sequence.
+    ``on_log(entry, trainer)`` is called with every history entry (it may add to it).
     """
     from mechscope.sae.progress import ProgressBar
     from mechscope.sae.resume import load_checkpoint, save_checkpoint
@@ -335,10 +348,10 @@ def train(sae_cfg: SAEConfig, cfg: TrainConfig, data: Iterable[Any], *, comm: Co
         if trainer.step_count % cfg.log_every == 0 or last:
             y_n = x * trainer.in_scale if y is None else y * trainer.out_scale
             entry = trainer.metrics(out, y_n)
+            if on_log is not None:
+                on_log(entry, trainer)
             trainer.history.append(entry)
             bar.update(trainer.step_count, entry)
-            if on_log is not None:
-                on_log(entry)
         if ckpt is not None and (last or (cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0)):
             if trainer.comm.is_main:
                 save_checkpoint(trainer, ckpt)

@@ -75,16 +75,19 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 
 def draw(result: dict[str, Any], model: nn.Module, dec: Decomposition,
          figure: Callable[[str, str], Any]) -> None:
-    """Draw the three figures; ``figure(name, caption)`` is a context manager yielding a Figure."""
+    """Draw the three figures; ``figure(name, caption, **figure_kwargs)`` is a context manager
+    yielding a Figure (the bench's ``ctx.figure``)."""
     name = result["target"]
+    wide = (3.4 * len(result["_matrices"]) + 1.0, 3.6)
     with figure("importance_matrix", f"{name}: causal importance on one-hot inputs (value {ONE_HOT_VALUE}), "
-                "alive subcomponents in Hungarian order") as fig:
+                "alive subcomponents in Hungarian order", figsize=wide) as fig:
         draw_importance_matrix(fig, result["_matrices"])
-    with figure("subcomponent_norms", f"{name}: ‖U_c V_c‖ per subcomponent, sorted (dashed: live threshold)") as fig:
+    with figure("subcomponent_norms", f"{name}: ‖U_c V_c‖ per subcomponent, sorted (dashed: live threshold)",
+                figsize=wide) as fig:
         draw_norms(fig, dec.subcomponent_norms())
     if "_cos" in result:
         norms = dec.subcomponent_norms()["encoder"]
         with figure("subcomponents_vs_features", f"{name}: encoder subcomponents against the target's "
-                    "feature mechanisms W[:, j] e_jᵀ") as fig:
+                    "feature mechanisms W[:, j] e_jᵀ", figsize=(9.0, 3.8)) as fig:
             draw_vs_features(fig, result["_cos"], live_mask(norms), model.encoder.weight.detach(),
                              dec.comps("encoder").subcomponent_weights().detach(), result["encoder_match"]["match"])

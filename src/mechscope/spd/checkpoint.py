@@ -122,5 +122,14 @@ def load_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.O
     return int(meta["step"]), list(meta.get("history", []))
 
 
-__all__ = ["SPDError", "save_decomposition", "load_decomposition", "read_extra", "save_training_state",
+def decomposition_from_state(path: str | Path, model: nn.Module) -> tuple[Decomposition, int]:
+    """The decomposition held by a training state (e.g. of a run still in progress) and its step."""
+    tensors, meta = _read(path, TRAINING_STATE)
+    _check_target(Path(path), meta, model)
+    dec = Decomposition(model, SPDConfig.from_dict(meta["config"]))
+    _load_state(Path(path), dec, {k[4:]: v for k, v in tensors.items() if k.startswith("dec.")})
+    return dec, int(meta["step"])
+
+
+__all__ = ["decomposition_from_state", "SPDError", "save_decomposition", "load_decomposition", "read_extra", "save_training_state",
            "load_training_state"]

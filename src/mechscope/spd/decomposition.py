@@ -180,6 +180,22 @@ class Decomposition(nn.Module):
             out = out + delta.unsqueeze(-1) * comps.delta_out(a, self.target_weight(path))
         return out
 
+    def layer_output_from_target(self, path: str, inner: Tensor, mask: Tensor | None, delta: Tensor | None,
+                                 target_out: Tensor) -> Tensor:
+        """:meth:`layer_output` given the target layer's own output ``W a + bias`` on the same input.
+
+        ``U (m ⊙ h) + b + δ (W a − U h) = U ((m − δ) ⊙ h) + (1 − δ) b + δ (W a + b)``: the delta
+        component costs no matmul, because the hooked module has already computed ``W a + b``.
+        """
+        comps = self.comps(path)
+        if delta is None:
+            return self.layer_output(path, inner, mask, None, inner=inner)
+        d = delta.unsqueeze(-1)  # [..., 1]
+        m = d.new_ones(()) if mask is None else mask
+        out = comps.expand(inner * (m - d)) + d * target_out
+        bias = self.target_bias(path)
+        return out if bias is None else out + (1.0 - d) * bias
+
     def faithfulness(self) -> Tensor:
         """``Σ_l ‖W_l − U_l V_l‖²_F / (number of decomposed parameters)``."""
         total, count = 0.0, 0

@@ -31,8 +31,10 @@ def draw_importance_matrix(fig: Any, matrices: Mapping[str, Tensor], title: str 
         im = ax.imshow(m.detach().double().numpy(), vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto",
                        interpolation="nearest")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("subcomponent (Hungarian order)")
-        ax.set_ylabel("input feature")
+        ax.set_xlabel("subcomponent (matched order)", fontsize=8)
+        ax.set_ylabel("input feature", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
     if im is not None:
         fig.colorbar(im, ax=list(axes), shrink=0.8, label="causal importance")
     if title:
@@ -59,10 +61,13 @@ def draw_vs_features(fig: Any, cos: Tensor, live: Tensor, W: Tensor | None = Non
     space also the feature directions ``W[:, j]`` and the matched subcomponents' columns."""
     two_d = W is not None and sub_weights is not None and match is not None and W.shape[0] == 2
     axes = fig.subplots(1, 2 if two_d else 1, squeeze=False)[0]
-    cols = torch.nonzero(live).flatten()
+    cols = torch.nonzero(live).flatten().tolist()
+    if match is not None:  # matched subcomponents first, in feature order: a diagonal when SPD works
+        first = [c for c in dict.fromkeys(match) if c in cols]
+        cols = first + [c for c in cols if c not in first]
     c = cos[:, cols].double().numpy()
     im = axes[0].imshow(c, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto", interpolation="nearest")
-    axes[0].set_xticks(range(len(cols)), [str(int(i)) for i in cols], fontsize=6)
+    axes[0].set_xticks(range(len(cols)), [str(i) for i in cols], fontsize=6)
     axes[0].set_xlabel("live subcomponent")
     axes[0].set_ylabel("target mechanism (feature)")
     axes[0].set_title("cos(U_c V_c, W_j e_jᵀ)", fontsize=9)
@@ -81,4 +86,4 @@ def draw_vs_features(fig: Any, cos: Tensor, live: Tensor, W: Tensor | None = Non
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        ax.set_title("W[:, j] (grey) vs matched U_c V_c[:, j] (red)", fontsize=9)
+        ax.set_title("W[:, j] grey, matched (U_c V_c)[:, j] red", fontsize=8)

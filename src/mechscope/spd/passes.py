@@ -8,10 +8,11 @@
   layerwise forwards (one layer masked each) as **one** forward of L + 1 stacked copies
   of the batch. In layerwise copy ``l`` every layer before ``l`` runs the target weights,
   so layer ``l``'s input is the target's: its inner activations ``V a`` are the ones
-  already computed for the importance functions, and its output is precomputed.
+  already computed for the importance functions; the delta component ``δ (W − UV) a``
+  reuses the module's own output ``W a + b`` instead of a second matmul.
 - :func:`sequential_masked_passes`: the straightforward version (L + 1 separate forwards,
-  inner activations recomputed in every one), kept as the reference the batched version
-  is tested and benchmarked against.
+  inner activations and the delta matmul recomputed in every one), kept as the reference
+  the batched version is tested and benchmarked against.
 
 Every pass replaces a layer's output through an output-site intervention that reads the
 module's input from the hook call (``HookCall.args``).
@@ -19,7 +20,7 @@ module's input from the hook call (``HookCall.args``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -88,15 +89,11 @@ def target_pass(model: torch.nn.Module, dec: Decomposition, inputs: Any) -> tupl
 
 
 class _Replace:
-    """Output intervention: recompute the layer from its input with its subcomponents.
+    """Output intervention: recompute the layer from its input with its subcomponents,
+    ``U (m ⊙ V a) + b + δ (W − U V) a``, everything computed explicitly."""
 
-    ``rows`` limits the replacement to the first ``rows`` examples of the (stacked)
-    batch; ``extra(view)`` may splice precomputed rows after them.
-    """
-
-    def __init__(self, dec: Decomposition, path: str, mask: Tensor | None, delta: Tensor | None,
-                 rows: int | None = None, extra: Callable[[Tensor], list[Tensor]] | None = None) -> None:
-        self.dec, self.path, self.mask, self.delta, self.rows, self.extra = dec, path, mask, delta, rows, extra
+    def __init__(self, dec: Decomposition, path: str, mask: Tensor | None, delta: Tensor | None) -> None:
+        self.dec, self.path, self.mask, self.delta = dec, path, mask, delta
         self.calls = 0
 
     def __call__(self, view: Tensor, call: HookCall) -> Tensor:
@@ -106,11 +103,7 @@ class _Replace:
                            "that is used once per forward (decompose each use as its own module)")
         if not call.args or not isinstance(call.args[0], Tensor):
             raise SPDError(f"module {self.path!r} was not called with its input as the first positional argument")
-        a = call.args[0]
-        if self.rows is None:
-            return self.dec.layer_output(self.path, a, self.mask, self.delta).to(view.dtype)
-        new = self.dec.layer_output(self.path, a[:self.rows], self.mask, self.delta).to(view.dtype)
-        return torch.cat([new, *self.extra(view)]) if self.extra else torch.cat([new, view[self.rows:]])
+        return self.dec.layer_output(self.path, call.args[0], self.mask, self.delta).to(view.dtype)
 
 
 def masked_forward(model: torch.nn.Module, dec: Decomposition, inputs: Any, masks: Mapping[str, Tensor | None],
@@ -136,28 +129,56 @@ def sequential_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs:
     return outs
 
 
+class _Batched:
+    """Output intervention of the batched passes at one layer, for ``n`` stacked copies of ``b`` rows.
+
+    Copy 0 (stochastic): the subcomponents on this copy's own input; its inner activations
+    are the target's ones when the input is the target's (a layer no replaced layer feeds).
+    Copy ``l + 1`` (this layer's layerwise copy): its input is the target's, so its inner
+    activations are the ones already computed. The delta component uses the module's own
+    output ``W a + b`` on the same rows. Other copies keep the module's output.
+    """
+
+    def __init__(self, dec: Decomposition, path: str, l: int | None, b: int, act: Tensor, inner: Tensor,
+                 mask: Tensor, delta: Tensor | None) -> None:
+        self.dec, self.path, self.l, self.b, self.act, self.inner = dec, path, l, b, act, inner
+        self.mask, self.delta, self.calls = mask, delta, 0
+
+    def __call__(self, view: Tensor, call: HookCall) -> Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise SPDError(f"module {self.path!r} ran more than once in one forward; SPD decomposes a layer "
+                           "that is used once per forward (decompose each use as its own module)")
+        dec, b, total = self.dec, self.b, view.shape[0]
+        # split (not slicing): its backward is one concatenation, where every slice of a
+        # large activation would allocate and zero a full-size gradient
+        a0 = call.args[0].split([b, total - b])[0]
+        same = not a0.requires_grad and a0.shape == self.act.shape and torch.equal(a0, self.act)
+        h0 = self.inner if same else dec.comps(self.path).inner(a0)
+        if self.l is None:
+            first, rest = view.split([b, total - b])
+            return torch.cat([dec.layer_output_from_target(self.path, h0, self.mask, self.delta, first), rest])
+        lo, hi = (self.l + 1) * b, (self.l + 2) * b
+        first, before, own, after = view.split([b, lo - b, b, total - hi])
+        new = dec.layer_output_from_target(self.path, h0, self.mask, self.delta, first)
+        mine = dec.layer_output_from_target(self.path, self.inner, self.mask, self.delta, own)
+        return torch.cat([new, before, mine, after]).to(view.dtype)
+
+
 def batched_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: Any, acts: Mapping[str, Tensor],
                           inner: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                           deltas: Mapping[str, Tensor | None], layerwise: bool = True) -> list[Tensor]:
     """The same outputs as :func:`sequential_masked_passes`, from one forward of stacked copies.
 
-    Copy 0 is the stochastic forward; copy ``l + 1`` is layer ``l``'s layerwise forward,
-    whose output at layer ``l`` is precomputed from the target's input ``acts`` and inner
-    activations ``inner`` (so ``V a`` is never recomputed there).
+    Copy 0 is the stochastic forward; copy ``l + 1`` is layer ``l``'s layerwise forward.
+    The target's layer inputs ``acts`` and inner activations ``inner`` are reused wherever a
+    copy's input at a layer is the target's, so ``V a`` is never recomputed there.
     """
     b = batch_size_of(inputs)
-    paths = dec.paths
-    n = 1 + (len(paths) if layerwise else 0)
-    plan = []
-    for l, path in enumerate(paths):
-        extra = None
-        if layerwise:
-            mine = dec.layer_output(path, acts[path], masks[path], deltas.get(path), inner=inner[path])
-
-            def extra(view: Tensor, l: int = l, mine: Tensor = mine) -> list[Tensor]:
-                # copies 1..l and l+2..n keep the target weights here; copy l+1 is precomputed
-                return [view[b:(l + 1) * b], mine.to(view.dtype), view[(l + 2) * b:]]
-        plan.append((Site(path), _Replace(dec, path, masks[path], deltas.get(path), rows=b, extra=extra)))
+    n = 1 + (len(dec.paths) if layerwise else 0)
+    plan = [(Site(path), _Batched(dec, path, l if layerwise else None, b, acts[path], inner[path], masks[path],
+                                  deltas.get(path)))
+            for l, path in enumerate(dec.paths)]
     out, _ = run(model, repeat_inputs(inputs, n), plan, check_finite=False)
     y = model_output(out)
     return list(y.split(b))

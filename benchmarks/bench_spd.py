@@ -1,0 +1,173 @@
+"""Speed and memory of SPD training steps on TMS 5-2 and the residual MLP (reference settings).
+
+Contenders, timed in alternation in one process on the shipped targets:
+
+- ``ours``: the stochastic and layerwise forwards as one batched forward that reuses the
+  target's inner activations ``V a`` (``batched_passes=True``), and the blockwise
+  importance-MLP kernel;
+- ``straightforward``: the same losses with the inner activations recomputed in every
+  masked forward and the layerwise forwards run one layer after another
+  (``batched_passes=False``), with the plain autograd importance MLP.
+
+Also printed: ``ours`` with sequential passes (what the batching alone gives), the share of
+a step spent in the target forward, the importance functions, the masked forward(s) and the
+backward, and the peak resident memory of each contender (measured in a fresh process).
+
+Targets (issue 8): ours >= 1.5x the straightforward version; at least twice the reference
+implementation's steps per second (TMS 5-2: 19-31 steps/s on one thread, so >= 62;
+residual MLP: 4.1 steps/s, so >= 8.2); the full TMS 5-2 decomposition (10k steps) in under
+5 minutes. Timings on a shared machine are noisy: read the ratios, not one number.
+
+Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_spd.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from _timing import fix_threads, header, interleaved, verdict
+from mechscope.spd.decomposition import Decomposition
+from mechscope.spd.masks import delta_mask, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
+from mechscope.spd.objective import SPDObjective
+from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass
+from mechscope.spd.targets import data_fn, load_target, target
+
+REFERENCE_STEPS_PER_S = {"tms_5_2": 31.0, "resid_mlp": 4.1}  # the reference's best on a machine like this
+
+
+def _setup(name: str, batched: bool, fused: bool) -> dict[str, Any]:
+    model = load_target(name).requires_grad_(False)
+    cfg = target(name).spd.replace(batched_passes=batched)
+    dec = Decomposition(model, cfg)
+    for imp in dec.importance.values():
+        imp.fused = fused
+    obj = SPDObjective(dec)
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    data = data_fn(name)
+    return {"dec": dec, "obj": obj, "opt": opt, "gen": gen, "data": data, "cfg": cfg}
+
+
+def _step(s: dict[str, Any]) -> None:
+    x = s["data"](s["cfg"].batch_size, s["gen"])
+    out = s["obj"](x, 0.5, s["gen"])
+    s["opt"].zero_grad(set_to_none=True)
+    out["total"].backward()
+    s["opt"].step()
+
+
+def _phases(s: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each phase of a step (the objective's forward, unrolled)."""
+    dec, cfg, gen = s["dec"], s["cfg"], s["gen"]
+    times: dict[str, list[float]] = {k: [] for k in ("data", "target", "importance", "masked", "backward", "optimizer")}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = s["data"](cfg.batch_size, gen)
+        t1 = time.perf_counter()
+        target_out, acts = target_pass(dec.model, dec, x)
+        t2 = time.perf_counter()
+        inner = {p: dec.comps(p).inner(acts[p]) for p in dec.paths}
+        z = {p: dec.importance_logits(p, acts[p], inner[p]) for p in dec.paths}
+        g = {p: lower_leaky_hard_sigmoid(v) for p, v in z.items()}
+        upper = {p: upper_leaky_hard_sigmoid(v) for p, v in z.items()}
+        masks = {p: stochastic_mask(v, cfg.mask, gen) for p, v in g.items()}
+        deltas = {p: delta_mask(v.shape[:-1], cfg.mask, gen, like=v) for p, v in g.items()}
+        t3 = time.perf_counter()
+        if cfg.batched_passes:
+            outs = batched_masked_passes(dec.model, dec, x, acts, inner, masks, deltas)
+        else:
+            outs = sequential_masked_passes(dec.model, dec, x, masks, deltas)
+        loss = sum(((y - target_out) ** 2).mean() for y in outs) + sum(u.sum() for u in upper.values()) * 1e-3
+        t4 = time.perf_counter()
+        s["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        t5 = time.perf_counter()
+        s["opt"].step()
+        t6 = time.perf_counter()
+        for k, a, b in (("data", t0, t1), ("target", t1, t2), ("importance", t2, t3), ("masked", t3, t4),
+                        ("backward", t4, t5), ("optimizer", t5, t6)):
+            times[k].append(b - a)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def peak_memory_mib(name: str, batched: bool, fused: bool, steps: int) -> tuple[float, float]:
+    """Peak RSS of a fresh process after setting up one contender, and after ``steps`` steps
+    (the difference is what training adds to the imports, the target and the parameters)."""
+    code = (
+        "import resource, sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks');"
+        "import bench_spd as b;"
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
+        f"s = b._setup({name!r}, {batched}, {fused}); before = peak();"
+        f"[b._step(s) for _ in range({steps})];"
+        "print(before, peak())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = out.stdout.strip().splitlines()[-1].split()
+    return float(before), float(after)
+
+
+def cpu_medians(setups: dict[str, dict[str, Any]], repeats: int) -> dict[str, float]:
+    """Median CPU seconds per step (process time), interleaved: less sensitive than wall-clock
+    time to other processes on a shared machine."""
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    for _ in range(repeats):
+        for k, s in setups.items():
+            t0 = time.process_time()
+            _step(s)
+            times[k].append(time.process_time() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def bench_target(name: str, quick: bool) -> bool:
+    contenders = {"ours": (True, True), "straightforward": (False, False), "ours_sequential_passes": (False, True)}
+    setups = {k: _setup(name, *v) for k, v in contenders.items()}
+    inner = 2 if name == "resid_mlp" else 5
+    t = interleaved({k: (lambda s=s: _step(s)) for k, s in setups.items()}, repeats=3 if quick else 7,
+                    inner=inner, warmup=1)
+    rate = {k: 1.0 / v for k, v in t.items()}
+    ratio = t["straightforward"] / t["ours"]
+    ok_ratio = ratio >= 1.5
+    ref = REFERENCE_STEPS_PER_S[name]
+    ok_ref = rate["ours"] >= 2 * ref
+    print(f"{name}: steps/s ours {rate['ours']:.1f}, straightforward {rate['straightforward']:.1f}, "
+          f"ours with sequential passes {rate['ours_sequential_passes']:.1f}")
+    print(f"  ours / straightforward {ratio:.2f}x (target >= 1.5x) {verdict(ok_ratio)}; batching alone "
+          f"{t['ours_sequential_passes'] / t['ours']:.2f}x")
+    cpu = cpu_medians(setups, 5 if quick else 15)
+    print(f"  CPU time per step: ours {cpu['ours'] * 1e3:.1f} ms ({1 / cpu['ours']:.1f} steps/s), straightforward "
+          f"{cpu['straightforward'] * 1e3:.1f} ms, ratio {cpu['straightforward'] / cpu['ours']:.2f}x; batching alone "
+          f"{cpu['ours_sequential_passes'] / cpu['ours']:.2f}x")
+    print(f"  ours {rate['ours']:.1f} steps/s vs reference {ref} steps/s x 2 = {2 * ref:.1f} (target) {verdict(ok_ref)}")
+    for k in ("ours", "straightforward"):
+        ph = _phases(setups[k], 3 if quick else 7)
+        total = sum(ph.values())
+        share = ", ".join(f"{p} {100 * v / total:.0f}%" for p, v in ph.items())
+        print(f"  {k} step {total * 1e3:.1f} ms: {share}")
+    if name == "tms_5_2":
+        minutes = target(name).spd.steps / rate["ours"] / 60
+        ok_time = minutes < 5.0
+        print(f"  full decomposition (10k steps) at this rate: {minutes:.1f} min (target < 5 min) {verdict(ok_time)}")
+        ok_ref = ok_ref and ok_time
+    if not quick:
+        mem = {k: peak_memory_mib(name, *contenders[k], steps=3) for k in ("ours", "straightforward")}
+        print("  peak RSS of a fresh process (after setup -> after 3 steps): " + ", ".join(
+            f"{k} {a:.0f} -> {b:.0f} MiB" for k, (a, b) in mem.items()) + " (reference on TMS 5-2: ~710 MiB)")
+    return ok_ratio and ok_ref
+
+
+def main() -> int:
+    threads = fix_threads()
+    header("SPD training steps", threads)
+    quick = "--quick" in sys.argv
+    ok = True
+    for name in ("tms_5_2", "resid_mlp"):
+        ok = bench_target(name, quick) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""``mechscope spd train|eval|figures``: stochastic parameter decomposition from the command line.
+
+- ``train``: decompose a built-in target (``--target tms_5_2``; its published settings,
+  each overridable by the SPDConfig options) or a random Hugging Face model
+  (``--hf-config``, with ``--sites`` and random token batches); writes a resumable run to
+  ``--out``; ``--ship`` also replaces the zoo's decomposition of a built-in target.
+- ``eval``: measures of a decomposition (the shipped one by default) as a table or JSON.
+- ``figures``: the importance matrix, subcomponent norms and subcomponents against the
+  target's feature directions, as PNG files in ``--out``.
+
+``torchrun --nproc_per_node N -m mechscope spd train ...`` trains data-parallel: each
+process draws its own batches and masks, gradients are averaged, rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from mechscope.cli import UsageError
+from mechscope.core.config import Config, ConfigError, add_config_arguments, cli_fields, config, param
+from mechscope.spd.config import SPDConfig
+
+TARGETS = ("tms_5_2", "tms_40_10", "tms_5_2_id", "resid_mlp")
+
+
+@config
+class SPDCommandConfig(Config):
+    """What to decompose and where the files go (the method's options are SPDConfig's)."""
+
+    target: Optional[str] = param(None, metavar="NAME", help=f"a built-in target: {', '.join(TARGETS)}")
+    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON",
+                                     help="a Hugging Face config.json (path or JSON text): a random model, no download")
+    out: Optional[Path] = param(None, metavar="DIR", help="run directory (train) or figure directory (figures)")
+    decomposition: Optional[Path] = param(None, metavar="FILE",
+                                          help="a decomposition file (default: the target's shipped one)")
+    ship: bool = param(False, help="train: also write the decomposition into the package's zoo")
+    seq_len: int = param(16, help="hf-config: tokens per random sequence")
+    threads: int = param(1, help="torch threads")
+    json: bool = param(False, help="eval: print JSON")
+
+    def validate(self) -> None:
+        if (self.target is None) == (self.hf_config is None):
+            raise ConfigError("give exactly one of --target NAME or --hf-config PATH_OR_JSON")
+        if self.target is not None and self.target not in TARGETS:
+            raise ConfigError(f"unknown SPD target {self.target!r}; valid: {', '.join(TARGETS)}")
+        if self.ship and self.target is None:
+            raise ConfigError("--ship writes a built-in target's decomposition; it needs --target")
+        if self.seq_len < 2 or self.threads < 1:
+            raise ConfigError("--seq-len must be >= 2 and --threads >= 1")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("spd", help="stochastic parameter decomposition: train, eval, figures",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="spd_action", metavar="ACTION", required=True)
+    for name, text in (("train", "decompose a model's layers"), ("eval", "measure a decomposition"),
+                       ("figures", "draw a decomposition's figures")):
+        sub = actions.add_parser(name, help=text, description=text)
+        add_config_arguments(sub, SPDCommandConfig)
+        if name == "train":
+            group = sub.add_argument_group("SPD options (default: the target's published settings)")
+            add_config_arguments(group, SPDConfig)
+            sub.set_defaults(**{f.name: None for f in cli_fields(SPDConfig)})  # None: not given
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in cli_fields(SPDConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _hf(cmd: SPDCommandConfig, seed: int) -> tuple[Any, Any]:
+    """A random Hugging Face model and a sampler of random token batches."""
+    import torch
+
+    from mechscope.core.models import hf_model_from_config
+
+    try:
+        model = hf_model_from_config(cmd.hf_config, seed=seed).eval()
+    except (ImportError, OSError, ValueError) as e:
+        raise UsageError(f"cannot build a model from --hf-config: {e}") from None
+    vocab = int(model.config.vocab_size)
+    return model, lambda b, g: {"input_ids": torch.randint(0, vocab, (b, cmd.seq_len), generator=g)}
+
+
+def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
+    from mechscope.spd import targets
+    from mechscope.spd.train import train_spd
+
+    if cmd.out is None:
+        raise UsageError("spd train needs --out DIR for the run's checkpoints")
+    changes = _overrides(args)
+    if cmd.target is not None:
+        cfg = targets.target(cmd.target).spd.replace(**changes)
+        model, data = targets.load_target(cmd.target), targets.data_fn(cmd.target)
+    else:
+        if not changes.get("sites"):
+            raise UsageError("--hf-config needs --sites (module paths, see `mechscope sites --hf-config ...`)")
+        cfg = SPDConfig.from_dict({"recon": "kl", "batch_size": 8, **changes})
+        model, data = _hf(cmd, cfg.seed)
+    run = train_spd(model, data, cfg, out_dir=cmd.out)
+    from mechscope.spd.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 reports and ships
+        return 0
+    print(f"decomposed {cmd.target or model.__class__.__name__} in {run.seconds:.0f}s "
+          f"({run.steps_per_second:.1f} steps/s); files in {cmd.out}")
+    if cmd.ship:
+        from mechscope.spd.checkpoint import save_decomposition
+
+        path = targets.target(cmd.target).decomposition_checkpoint
+        save_decomposition(path, run.decomposition, {"target": cmd.target, "steps_per_second": run.steps_per_second})
+        print(f"shipped {path}")
+    return 0
+
+
+def _load(cmd: SPDCommandConfig) -> tuple[Any, Any]:
+    from mechscope.core.checkpoint import CheckpointError
+    from mechscope.spd import targets
+    from mechscope.spd.checkpoint import load_decomposition
+
+    if cmd.target is not None:
+        model = targets.load_target(cmd.target)
+        path = cmd.decomposition or targets.target(cmd.target).decomposition_checkpoint
+    else:
+        if cmd.decomposition is None:
+            raise UsageError("--hf-config needs --decomposition FILE")
+        model, path = _hf(cmd, 0)[0], cmd.decomposition
+    try:
+        return model, load_decomposition(path, model)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+
+
+def _eval(cmd: SPDCommandConfig) -> int:
+    import torch
+
+    model, dec = _load(cmd)
+    if cmd.target is not None:
+        from mechscope.spd.assess import assess, public
+
+        result = public(assess(cmd.target, model, dec))
+    else:
+        from mechscope.spd.evals import live_counts, lm_metrics
+
+        vocab = int(model.config.vocab_size)
+        ids = torch.randint(0, vocab, (16, cmd.seq_len), generator=torch.Generator().manual_seed(0))
+        result = {"live": {p: n for p, (n, _) in live_counts(dec).items()}, **lm_metrics(model, dec, {"input_ids": ids})}
+    if cmd.json:
+        print(json.dumps(result, indent=2, default=float))
+    else:
+        for key, value in result.items():
+            print(f"{key:16s} {json.dumps(value, default=float)[:300]}")
+    return 0
+
+
+def _figures(cmd: SPDCommandConfig) -> int:
+    from contextlib import contextmanager
+
+    from mechscope.report.figures import new_figure, to_png
+    from mechscope.spd.assess import assess, draw
+
+    if cmd.target is None or cmd.out is None:
+        raise UsageError("spd figures needs --target NAME and --out DIR")
+    model, dec = _load(cmd)
+    cmd.out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    @contextmanager
+    def figure(name: str, caption: str, **kwargs: Any):
+        fig = new_figure(**{"figsize": (9.0, 3.6), **kwargs})
+        yield fig
+        path = cmd.out / f"{cmd.target}__{name}.png"
+        path.write_bytes(to_png(fig))
+        written.append(path)
+
+    draw(assess(cmd.target, model, dec), model, dec, figure)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _init_distributed() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL on GPUs)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def run(args: argparse.Namespace) -> int:
+    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(SPDCommandConfig)}
+    cmd = SPDCommandConfig.from_dict(data)
+    import torch
+
+    torch.set_num_threads(cmd.threads)
+    if args.spd_action == "train":
+        _init_distributed()
+    try:
+        if args.spd_action == "train":
+            return _train(cmd, args)
+        if args.spd_action == "eval":
+            return _eval(cmd)
+        return _figures(cmd)
+    except FileNotFoundError as e:
+        print(f"mechscope spd {args.spd_action}: {e}", file=sys.stderr)
+        return 1
