@@ -42,6 +42,23 @@ def test_full_rotation_and_full_engine_train_the_same_way():
     assert w_full.shape == (2, 2) and torch.allclose(w_full, w_tail, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,dims", [("subspace", {"A": 2, "B": 3}), ("rotation", {"A": 3, "B": 1})])
+def test_fused_site_mix_equals_variable_by_variable(kind, dims):
+    from mechscope.causal.das import SubspaceAlignment
+
+    torch.manual_seed(0)
+    site = Site("acts.0")
+    al = SubspaceAlignment({"A": site, "B": site}, dims, {site: 8}, kind=kind, seed=3)
+    with torch.no_grad():  # a basis away from its initialisation, still orthonormal
+        al.featurizers[0].weight.add_(0.5 * torch.randn(al.featurizers[0].weight.shape))
+    al.after_step()
+    base, sa, sb = torch.randn(3, 10, 8).unbind(0)
+    fused = al.mix_site(["A", "B"], base, [sa, sb])
+    assert torch.allclose(fused, al.mix("B", al.mix("A", base, sa), sb), atol=1e-5)
+    # a variable whose source is the base itself (not intervened in this example) changes nothing
+    assert torch.allclose(al.mix_site(["A", "B"], base, [sa, base]), al.mix("A", base, sa), atol=1e-5)
+
+
 def test_stiefel_basis_stays_orthonormal():
     f = StiefelSubspace(8, 3, seed=0)
     with torch.no_grad():

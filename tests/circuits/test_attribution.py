@@ -60,3 +60,50 @@ def test_needs_a_differentiable_metric():
         attribution_patching(model, x, y, [Cell(Site("acts.0"))], lambda out: out.sum().item())
     with pytest.raises(ValueError, match="direction must be"):
         attribution_patching(model, x, y, [Cell(Site("acts.0"))], lambda out: out.sum(), direction="both")
+
+
+class _Doubled(type(build("transformer", seed=0, n_layers=1, vocab=8, n_ctx=4))):
+    """Does something after its unembedding that a head replay would miss."""
+
+    def forward(self, *args, **kwargs):
+        return 2 * super().forward(*args, **kwargs)
+
+
+def test_readout_gives_the_same_estimates():
+    """Logits at the readout only (the last block and unembedding run there, checked against
+    the model's own logits) give the estimates of the full forward, with padding too."""
+    from mechscope.circuits.cells import resid_cells
+    from mechscope.circuits.readout import find_head
+    from mechscope.zoo.transformer import TransformerConfig
+
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, vocab=20, n_ctx=16)
+    zoo = build("transformer", seed=0, **cfg)
+    doubled = _Doubled(TransformerConfig(**cfg))
+    doubled.load_state_dict(zoo.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (2, 7), generator=gen), torch.randint(0, 20, (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    target = torch.tensor([4, 5])
+    cells = resid_cells(zoo, positions=range(7))
+    sites = [c.site for c in cells]
+    assert find_head(zoo, sites).last_block is zoo.blocks[1]  # the last block at the readout only
+    assert find_head(zoo, sites + [Site("blocks.1")]).anchor == Site("blocks.1")  # after it: the head only
+    assert find_head(zoo, [Site("ln_final")]) is None
+    for model, cells in ((zoo, cells), (zoo, cells + [Cell(Site("blocks.1"), 6)]), (doubled, cells)):
+        for inputs in (ids, tuple({"input_ids": x, "attention_mask": mask} for x in ids)):
+            for readout in ([-1], [3, -1]):
+                def metric(logits):  # the last readout position
+                    return logits[:, -1].gather(1, target[:, None]).mean()
+                full = attribution_patching(model, *inputs, cells, lambda lg: metric(lg[:, readout]))
+                fast = attribution_patching(model, *inputs, cells, metric, readout=readout)
+                assert torch.allclose(fast.values, full.values, atol=1e-5)
+                assert fast.clean == pytest.approx(full.clean, abs=1e-6)
+
+
+def test_non_finite_estimates_are_refused():
+    model = build("mlp", seed=0)
+    x, y = torch.randn(4, 16), torch.randn(4, 16)
+    y[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        attribution_patching(model, x, y, [Cell(Site("acts.0"))], lambda out: out[:, 0].nan_to_num().mean())

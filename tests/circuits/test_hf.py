@@ -46,6 +46,19 @@ def test_batched_patching_equals_per_cell(hf):
     assert patch_cells(model, clean, corrupt, whole, metric).scores[0].item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_readout_on_hugging_face_models(hf):
+    """With a readout, patching falls back to the verified tail replay (no suffix replay for
+    HF attention) and attribution to the final norm + unembedding at the readout; same numbers."""
+    model, clean, corrupt, _, metric = hf
+    cells = resid_cells(model, positions=range(6)) + head_cells(model, positions=[5])
+    fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
+    ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1])
+    assert torch.allclose(fast.values, ref.values, atol=1e-5)
+    full = attribution_patching(model, clean, corrupt, cells, lambda lg: metric(lg[:, -1:]))
+    read = attribution_patching(model, clean, corrupt, cells, metric, readout=[-1])
+    assert torch.allclose(read.values, full.values, atol=1e-5)
+
+
 def test_attribution_is_the_first_order_effect(hf):
     """With a corrupt input a small step from the clean one, the estimate must match the
     real patches to first order (this checks the gradients reach every site through HF code)."""

@@ -15,9 +15,19 @@ from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeature
 WORLD = SyntheticFeatures(SyntheticConfig(d=32, n_features=64, expected_l0=3))
 
 
-def _fit(arch, steps=300, **kw):
-    cfg = TrainConfig(steps=steps, batch_size=1024, lr=3e-3, progress=False, dead_tokens=50_000, **kw)
-    return train(SAEConfig(d_in=32, d_sae=128, arch=arch, k=3), cfg, WORLD.batches(1024, seed=1))
+def _fit(arch, steps=300, batch_size=1024, **kw):
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, progress=False, dead_tokens=50_000, **kw)
+    return train(SAEConfig(d_in=32, d_sae=128, arch=arch, k=3), cfg, WORLD.batches(batch_size, seed=1))
+
+
+def test_the_world_is_not_the_initialisation():
+    """A world seeded s and a dictionary initialised under manual_seed(s) must not share directions
+    (they did: both drew Gaussian rows from the same stream, so MMCS was 1 before training)."""
+    for seed in range(3):
+        world = SyntheticFeatures(SyntheticConfig(d=32, n_features=64, expected_l0=3, seed=seed))
+        for init_seed in range(3):
+            sae = Trainer(SAEConfig(d_in=32, d_sae=128, k=3), TrainConfig(seed=init_seed)).sae
+            assert mmcs(world.features, sae.W_dec) < 0.6  # chance level for 128 random rows in d 32: 0.44-0.45
 
 
 def test_topk_with_auxk_recovers_the_known_features():
@@ -30,10 +40,34 @@ def test_topk_with_auxk_recovers_the_known_features():
     assert ev["fvu"] == pytest.approx(res.history[-1]["fvu"], abs=0.05)
 
 
-@pytest.mark.parametrize("arch,kw", [("relu", {}), ("batchtopk", {}), ("matryoshka", {}), ("jumprelu", {})])
+# JumpReLU's θ climbs from 0.001 by about lr per Adam step, so it needs more (smaller) steps
+@pytest.mark.parametrize("arch,kw", [("relu", {}), ("batchtopk", {}), ("jumprelu", dict(steps=1000, batch_size=256))])
 def test_every_architecture_learns_the_features(arch, kw):
     res = _fit(arch, **kw)
     assert mmcs(WORLD.features, res.sae.W_dec) >= 0.9, arch
+
+
+def test_matryoshka_puts_frequent_features_first():
+    """Each prefix must reconstruct on its own: the first 16 latents carry the most frequent
+    features, unlike BatchTopK's, whose order is arbitrary (spec §1.6)."""
+    world = SyntheticFeatures(SyntheticConfig(d=32, n_features=64, expected_l0=3, decay=0.95))  # p_0 / p_63 = 25
+    x = next(world.batches(8192, seed=9))
+    scores = {}
+    for arch in ("matryoshka", "batchtopk"):
+        kw = dict(matryoshka_widths=(16, 128)) if arch == "matryoshka" else {}
+        cfg = TrainConfig(steps=300, batch_size=1024, lr=3e-3, progress=False, dead_tokens=50_000)
+        sae = train(SAEConfig(d_in=32, d_sae=128, arch=arch, k=3, **kw), cfg, world.batches(1024, seed=1)).sae
+        f = sae.encode(x)  # [8192, 128]
+        head = f.clone()
+        head[:, 16:] = 0
+        fvu = lambda x_hat: float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())  # noqa: E731
+        density = (f != 0).float().mean(0)
+        scores[arch] = {"mmcs": mmcs(world.features, sae.W_dec), "fvu": fvu(sae.decode(f)), "head_fvu": fvu(sae.decode(head)),
+                        "head_density": float(density[:16].mean()), "tail_density": float(density[16:].mean())}
+    m, b = scores["matryoshka"], scores["batchtopk"]
+    assert m["fvu"] < 0.3 and m["mmcs"] > 0.8  # it still learns the features
+    assert m["head_fvu"] < 0.6 * b["head_fvu"]  # measured 0.40 against 0.88
+    assert m["head_density"] > 5 * m["tail_density"]  # measured 0.12 against 0.008
 
 
 def test_jumprelu_threshold_moves_and_l0_falls():
@@ -171,3 +205,17 @@ def test_bad_training_input_is_a_clear_error():
         Trainer(SAEConfig(d_in=32, d_sae=64, arch="relu"), TrainConfig(dead_fix="auxk"))
     with pytest.raises(SAEError, match="has not seen any data"):
         trainer.export()
+
+
+def test_progress_bar_shows_loss_l0_fvu_and_dead():
+    import io
+
+    from mechscope.sae.progress import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(100, stream=out)
+    bar.update(50, {"loss": 0.25, "l0": 31.5, "fvu": 0.0123, "dead": 0.125})
+    bar.close()
+    line = out.getvalue()
+    assert "50/100" in line and "loss 0.25" in line and "L0 31.5" in line and "FVU 0.0123" in line
+    assert "dead 12.5%" in line and "\r" not in line  # not a terminal: plain lines

@@ -39,6 +39,29 @@ def test_train_ship_and_load_a_toy_dictionary(tmp_path):
         worlds.sae_setting("tms", "topk", 8)
     with pytest.raises(ValueError, match="unknown toy world"):
         worlds.load_world("othello")
+    with pytest.raises(ValueError, match="unknown toy world or architecture"):
+        worlds.train_and_ship_toy_worlds(tmp_path, worlds=("induction",), archs=("relu",))
+
+
+def test_every_shipped_dictionary_has_a_retraining_command():
+    from mechscope.cli.train import TRAINABLE, resolve
+
+    assert resolve("sae_induction") is worlds.train_and_ship_induction  # after retraining the induction model
+    assert resolve("sae_grokking") is worlds.train_and_ship_grokking
+    assert resolve("sae_toy_worlds") is worlds.train_and_ship_toy_worlds
+    assert resolve("sae_synthetic") is recipes.train_and_ship_synthetic
+    shipped = sorted(p.name for p in worlds.CHECKPOINTS.glob("sae_*.safetensors"))
+    made = {worlds.checkpoint_name(w, a) for w in worlds.WORLDS for a in worlds.ARCHS} | set(recipes.SYNTHETIC_FILES.values())
+    assert set(shipped) <= made and "sae_toy_worlds" in TRAINABLE
+    for name in shipped:
+        assert (worlds.CHECKPOINTS / name).stat().st_size < 2 * 2 ** 20, name
+
+
+def test_toy_settings_aim_below_the_checks_l0():
+    for world, d in (("induction", 64), ("grokking", 512)):
+        for arch in worlds.ARCHS:
+            sae_cfg, cfg = worlds.sae_setting(world, arch, d)
+            assert sae_cfg.k < 32 or (arch == "topk" and sae_cfg.k == 32)  # TopK's L0 cannot exceed k
 
 
 def test_synthetic_recipe_records_mmcs_along_training():

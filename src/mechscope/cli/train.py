@@ -36,6 +36,8 @@ TRAINABLE: dict[str, str] = {
     "spd_resid_mlp_decomposition": "mechscope.spd.targets:decompose_and_ship_resid_mlp",
     "sae_synthetic": "mechscope.sae.recipes:train_and_ship_synthetic",
     "sae_toy_worlds": "mechscope.sae.worlds:train_and_ship_toy_worlds",
+    "sae_induction": "mechscope.sae.worlds:train_and_ship_induction",
+    "sae_grokking": "mechscope.sae.worlds:train_and_ship_grokking",
     "steering_toy": "mechscope.tasks.steering_toy:train_and_ship",
     "instructions": "mechscope.tasks.instructions:train_and_ship",
     "othello": "mechscope.tasks.othello:train_and_ship",

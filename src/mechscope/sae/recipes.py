@@ -33,12 +33,13 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints"
 SYNTHETIC_FILES = {"auxk": "sae_synthetic_topk_auxk.safetensors", "no_auxk": "sae_synthetic_topk_no_auxk.safetensors"}
 
 
-def synthetic_setting(auxk: bool, steps: int = 3000) -> tuple[SyntheticConfig, SAEConfig, TrainConfig]:
+def synthetic_setting(auxk: bool, steps: int = 3000, tied_init: bool = True) -> tuple[SyntheticConfig, SAEConfig, TrainConfig]:
     """The reference run's world, dictionary and training (``auxk``: with or without AuxK)."""
     world = SyntheticConfig(d=256, n_features=512, expected_l0=5.0, decay=0.99, seed=0)
     sae = SAEConfig(d_in=256, d_sae=1024, arch="topk", k=5)
     cfg = TrainConfig(steps=steps, batch_size=4096, lr=1e-3, normalize="none", dead_fix="auxk" if auxk else "none",
-                      aux_k=128, aux_alpha=1 / 32, dead_tokens=200_000, log_every=100, seed=0)
+                      aux_k=128, aux_alpha=1 / 32, dead_tokens=200_000, log_every=100, seed=0,
+                      tied_init=tied_init)
     return world, sae, cfg
 
 
@@ -49,8 +50,7 @@ def train_synthetic(auxk: bool, steps: int = 3000, log: Callable[[str], None] | 
     ``tied_init=False`` starts the encoder at random directions instead of ``W_decᵀ``
     (an ablation: see the bench's ``topk_untied_*`` rows).
     """
-    world_cfg, sae_cfg, cfg = synthetic_setting(auxk, steps)
-    cfg = cfg.replace(tied_init=tied_init)
+    world_cfg, sae_cfg, cfg = synthetic_setting(auxk, steps, tied_init)
     world = SyntheticFeatures(world_cfg)
 
     def on_log(entry: dict[str, float], trainer: Any) -> None:  # MMCS along the way, for the training figure
@@ -73,12 +73,13 @@ def synthetic_scores(result: TrainResult, world: SyntheticFeatures) -> dict[str,
             "fvu": last["fvu"], "l0": last["l0"]}
 
 
-def train_and_ship_synthetic(out_dir: Path, log: Callable[[str], None] = print, steps: int = 3000) -> list[Path]:
+def train_and_ship_synthetic(out_dir: Path, log: Callable[[str], None] = print, steps: int = 3000,
+                             tied_init: bool = True) -> list[Path]:
     """Train both reference dictionaries and write them to ``out_dir`` (``mechscope train sae_synthetic``)."""
     paths = []
     for name, auxk in (("auxk", True), ("no_auxk", False)):
-        result, world, scores = train_synthetic(auxk, steps, log)
-        world_cfg, _, cfg = synthetic_setting(auxk, steps)
+        result, world, scores = train_synthetic(auxk, steps, log, tied_init=tied_init)
+        world_cfg, _, cfg = synthetic_setting(auxk, steps, tied_init)
         path = Path(out_dir) / SYNTHETIC_FILES[name]
         save_sae(path, result.sae, dtype=torch.float16, extra={
             "recipe": "mechscope.sae.recipes:train_and_ship_synthetic", "world": world_cfg.to_dict(),

@@ -11,8 +11,10 @@ Two sites of two trained models with known mechanisms (``mechscope.tasks``):
   d = 512), on all p² inputs; CE is the loss of the answer.
 
 For each, a TopK and a JumpReLU dictionary (:data:`ARCHS`) are trained by
-:func:`train_toy_sae` and shipped (``mechscope train sae_toy_worlds``) as
-``zoo/checkpoints/sae_<world>_<arch>.safetensors`` with the model file they belong to.
+:func:`train_toy_sae` and shipped as ``zoo/checkpoints/sae_<world>_<arch>.safetensors``
+with the model file they belong to: ``mechscope train sae_toy_worlds`` writes all four,
+``mechscope train sae_induction`` / ``sae_grokking`` the two of one world (run the first
+after retraining the induction model: the dictionaries read its activations).
 """
 
 from __future__ import annotations
@@ -114,18 +116,24 @@ def load_world(name: str, model_file: str | None = None) -> ToyWorld:
 
 
 def sae_setting(world: str, arch: str, d: int) -> tuple[SAEConfig, TrainConfig]:
-    """Dictionary and recipe per (world, arch): 8x (induction) or 1x (grokking) latents, L0 16 or 32.
+    """Dictionary and recipe per (world, arch): 8x (induction) or 1x (grokking) latents.
 
     TopK and JumpReLU use their recipes' defaults (spec §1.2, §1.4: the JumpReLU paper's
-    lr 7e-5 and Adam betas (0, 0.999), θ₀ = ε = 0.001 with E|x|² = 1 inputs), with the
-    L0 target of JumpReLU's penalty equal to TopK's k.
+    lr 7e-5 and Adam betas (0, 0.999), θ₀ = ε = 0.001 with E|x|² = 1 inputs). L0: k = 16
+    on induction, for TopK and as the target of JumpReLU's penalty; on grokking TopK keeps
+    k = 32 and JumpReLU aims at 24, because a penalty centred on 32 leaves L0 on either
+    side of the check's L0 <= 32. TopK trains for 4000 steps. JumpReLU's θ moves about lr
+    per Adam step, so on induction it needs 12000; on grokking, whose whole input space is
+    p² = 12,769 rows, it takes 1024-row batches and 4000 steps (its L0 reaches the target
+    by step 3000), which keeps that run to minutes on two cores.
     """
     if world not in WORLDS or arch not in ARCHS:
         raise ValueError(f"no setting for world {world!r} and arch {arch!r}; worlds {WORLDS}, archs {ARCHS}")
-    d_sae, k = (8 * d, 16) if world == "induction" else (d, 32)
-    steps = 4000 if arch == "topk" else 12000
+    d_sae, k = (8 * d, 16) if world == "induction" else (d, 32 if arch == "topk" else 24)
+    steps = 12000 if (world, arch) == ("induction", "jumprelu") else 4000
+    batch = 1024 if (world, arch) == ("grokking", "jumprelu") else 4096
     return (SAEConfig(d_in=d, d_sae=d_sae, arch=arch, k=k),
-            TrainConfig(steps=steps, batch_size=4096, log_every=500, dead_tokens=10_000_000, seed=0))
+            TrainConfig(steps=steps, batch_size=batch, log_every=500, dead_tokens=10_000_000, seed=0))
 
 
 def train_toy_sae(world: ToyWorld, arch: str, steps: int | None = None, progress: bool = False,
@@ -164,12 +172,20 @@ def load_shipped(world: str, arch: str, directory: Path = CHECKPOINTS) -> tuple[
     return load_sae(path), read_sae_metadata(path)
 
 
-def train_and_ship_toy_worlds(out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Train and write the TopK and JumpReLU dictionary of each toy world (``mechscope train sae_toy_worlds``)."""
+def train_and_ship_toy_worlds(out_dir: Path, log: Callable[[str], None] = print,
+                              worlds: tuple[str, ...] = WORLDS, archs: tuple[str, ...] = ARCHS) -> list[Path]:
+    """Train and write the TopK and JumpReLU dictionary of each toy world (``mechscope train sae_toy_worlds``).
+
+    ``worlds`` and ``archs`` pick a subset; each file depends only on its own (world, arch)
+    recipe, so a subset writes the same files as the whole run.
+    """
+    bad = [w for w in worlds if w not in WORLDS] + [a for a in archs if a not in ARCHS]
+    if bad:
+        raise ValueError(f"unknown toy world or architecture {bad}; worlds {WORLDS}, archs {ARCHS}")
     paths = []
-    for name in WORLDS:
+    for name in worlds:
         world = load_world(name)
-        for arch in ARCHS:
+        for arch in archs:
             result = train_toy_sae(world, arch, log=log)
             scores = score(world, result.sae)
             path = Path(out_dir) / checkpoint_name(name, arch)
@@ -181,3 +197,13 @@ def train_and_ship_toy_worlds(out_dir: Path, log: Callable[[str], None] = print)
                 f"FVU {scores['fvu']:.4f}")
             paths.append(path)
     return paths
+
+
+def train_and_ship_induction(out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Both dictionaries of the induction model (``mechscope train sae_induction``): rerun after retraining it."""
+    return train_and_ship_toy_worlds(out_dir, log, worlds=("induction",))
+
+
+def train_and_ship_grokking(out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Both dictionaries of the grokking model (``mechscope train sae_grokking``)."""
+    return train_and_ship_toy_worlds(out_dir, log, worlds=("grokking",))

@@ -14,10 +14,17 @@ SAE spec (§6) uses it:
 Defaults are the reference setting: d = 256, 512 features, decay 0.99, L0 = 5. The
 directions are a function of ``seed`` alone, so a dictionary trained elsewhere can be
 scored against them; the data stream has its own seed.
+
+Both generators are seeded through a hash of the seed and a tag, never with the plain
+seed: a dictionary initialised by ``torch.randn`` under ``manual_seed(s)`` would
+otherwise start with its decoder rows equal to the true directions of the world with
+seed ``s`` (Gaussian, then normalised, exactly as here), and score MMCS = 1 before
+training.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import torch
@@ -55,12 +62,18 @@ class SyntheticConfig(Config):
         return (w / w.sum() * self.expected_l0).float()
 
 
+def derived_seed(tag: str, seed: int) -> int:
+    """A 63-bit seed from ``tag`` and ``seed``, unrelated to the stream of ``manual_seed(seed)``."""
+    digest = hashlib.sha256(f"mechscope.synthetic_features.{tag}:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
 class SyntheticFeatures:
     """The world of a :class:`SyntheticConfig`: its directions and a sampler."""
 
     def __init__(self, cfg: SyntheticConfig | None = None) -> None:
         self.cfg = cfg or SyntheticConfig()
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator().manual_seed(derived_seed("directions", self.cfg.seed))
         f = torch.randn(self.cfg.n_features, self.cfg.d, generator=gen)
         self.features = f / f.norm(dim=1, keepdim=True)  # [n_features, d], unit rows
         self.p = self.cfg.probabilities()  # [n_features]
@@ -75,7 +88,7 @@ class SyntheticFeatures:
 
     def batches(self, batch_size: int, seed: int = 1, n_batches: int | None = None) -> Iterator[Tensor]:
         """A reproducible stream of batches ``[batch_size, d]`` (endless unless ``n_batches``)."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(derived_seed("data", seed))
         i = 0
         while n_batches is None or i < n_batches:
             yield self.sample(batch_size, gen)[0]
