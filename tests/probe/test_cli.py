@@ -37,3 +37,11 @@ def test_bad_inputs_are_usage_errors(tmp_path, capsys):
     path.write_text("\n".join(json.dumps({"tokens": [1, 2], "label": 0}) for _ in range(30)))
     assert main(["probe", "--data", str(path), "--site", "resid_post.0"]) == 2
     assert "single class" in capsys.readouterr().err
+
+
+def test_probe_on_the_othello_world_model(capsys):
+    # more rows than activations() runs at once (256): the per-example positions must follow the chunks
+    assert main(["probe", "--data", "othello", "--n", "300", "--site", "resid_post.4", "--no-controls", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 296 and report["width"] == 96  # 37 games x 8 positions
+    assert report["test_accuracy"] > report["majority_accuracy"] + 0.2

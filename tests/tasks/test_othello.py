@@ -97,3 +97,44 @@ def test_reflect_mirrors_the_margin():
     rnd = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     moved = o.Reflect(g, off, rnd)(x) - x
     assert torch.allclose(moved.norm(dim=-1), (edited - x).norm(dim=-1), atol=1e-5)  # same length, random way
+
+
+class _Oracle:
+    """A stand-in world model whose logits are read off the true legal moves of known games."""
+
+    def __init__(self, games, demote=None):
+        self.games, self.demote = games, demote
+
+    def __call__(self, tokens):
+        assert torch.equal(tokens, self.games.tokens)
+        logits = torch.full((*tokens.shape, o.VOCAB), -30.0)
+        logits[..., :o.N_MOVES] = torch.where(self.games.legal_next, 30.0, -30.0)
+        if self.demote is not None:  # one legal move of one position ranked below every illegal one
+            g, t, m = self.demote
+            logits[g, t, m] = -60.0
+        return logits
+
+
+def test_legal_quality_scores_an_oracle_and_counts_its_mistakes():
+    games = o.random_games(30, seed=4)
+    perfect = o.legal_quality(_Oracle(games), games)
+    assert perfect["exact"] == 1.0 and perfect["errors"] == 0.0 and abs(perfect["kl"]) < 1e-6
+    g, t = 0, 5
+    legal = torch.nonzero(games.legal_next[g, t]).flatten()
+    assert len(legal) < o.N_MOVES
+    flawed = o.legal_quality(_Oracle(games, (g, t, int(legal[0]))), games)
+    positions = int(games.legal_next.any(-1).sum())
+    assert abs(flawed["exact"] - (1 - 1 / positions)) < 1e-9 and abs(flawed["errors"] - 1 / positions) < 1e-9
+    assert flawed["kl"] > 0
+
+
+def test_recipe_trains_with_bf16_autocast():
+    recipe = o.Recipe(games=64, steps=30, batch=32, chunk=64, bf16=True)
+    games = o.dataset(recipe.games, recipe.seed, recipe.chunk)
+    with torch.no_grad():
+        before = float(o.next_move_loss(o.build_model(recipe.seed)(games.tokens), games))
+    model = o.train(recipe)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in float32
+    with torch.no_grad():
+        after = float(o.next_move_loss(model(games.tokens), games))
+    assert after < before - 0.3

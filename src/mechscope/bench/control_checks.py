@@ -438,8 +438,10 @@ def _othello(ctx) -> dict[str, Any]:
         probes["absolute"][l] = train_probe(acts[l], ab, **kw)
         ctx.log.info(f"othello layer {l}: relative {probes['relative'][l].accuracy:.3f}, "
                      f"absolute {probes['absolute'][l].accuracy:.3f}")
+    held_out = oth.random_games(300, seed=20_000 + ctx.seed)
     out = dict(model=model, games=games, game=game, pos=pos, acts=acts, rel=rel, ab=ab, layers=layers,
-               probes=probes, kw=kw, legal_top1=oth.legal_top1(model, oth.random_games(300, seed=20_000 + ctx.seed)))
+               probes=probes, kw=kw, legal_top1=oth.legal_top1(model, held_out),
+               legal=oth.legal_quality(model, held_out))
     _OTHELLO_CACHE.clear()
     _OTHELLO_CACHE[key] = out
     return out
@@ -508,7 +510,9 @@ def othello_edit(ctx) -> list[Result]:
     probes = {l: o["probes"]["relative"][l].probe for l in layers}
     real = oth.probe_edit(o["model"], o["games"], cases, probes)
     rnd = oth.probe_edit(o["model"], o["games"], cases, probes, random_seed=ctx.seed)
-    detail = {"edit_layers": layers, "n_edits": int(len(cases.game)), **real, "random": rnd}
+    # the world model's own accuracy on unedited boards bounds what any edit can reach
+    detail = {"edit_layers": layers, "n_edits": int(len(cases.game)), **real, "random": rnd,
+              "world_model_legal_moves": o["legal"]}
     return [Result(real["edited_success"], detail=detail,
                    baselines={"random_direction": rnd["edited_success"], "unedited": real["clean_success"]}),
             Result(real["edited_errors"], metric="mean_errors", detail={"edit_layers": layers},

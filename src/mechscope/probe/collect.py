@@ -30,15 +30,27 @@ def activations(model: nn.Module, inputs: Any, site: Site, batch_size: int = 256
     """
     if isinstance(inputs, (Tensor, dict)):
         chunks = _chunks(inputs, batch_size)
+        sites = _chunk_sites(site, batch_size)
     else:
-        chunks = iter(inputs)
+        chunks, sites = iter(inputs), None
     out = []
     with torch.no_grad():
-        for chunk in chunks:
-            out.append(_rows(cache(model, chunk, [site])[site]))
+        for i, chunk in enumerate(chunks):
+            s = site if sites is None else sites(i)
+            out.append(_rows(cache(model, chunk, [s])[s]))
     if not out:
         raise ValueError("activations() got no inputs; pass a non-empty batch")
     return torch.cat(out)
+
+
+def _chunk_sites(site: Site, size: int) -> Any:
+    """Chunk ``i``'s site: a ``[batch, n]`` positions tensor has one row per example, so each
+    chunk of examples takes its own rows of it; any other site is the same for every chunk."""
+    pos = site.positions
+    if not (isinstance(pos, tuple) and pos and pos[0] == "index"):
+        return lambda i: site
+    rows = torch.tensor(pos[1])  # [batch, n]
+    return lambda i: site.replace(positions=rows[i * size:(i + 1) * size])
 
 
 def _chunks(inputs: Tensor | dict, size: int) -> Iterable[Any]:

@@ -24,6 +24,7 @@ Everything is vectorised over games with torch; the board is ``[games, 6, 6]`` w
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,15 +200,23 @@ def absolute_states(games: Games) -> Tensor:  # [n, T, 36] in {0 empty, 1 black,
 class Recipe:
     """Training of the world model. The target at each move is the exact distribution of the
     next move in the data (uniform over the legal moves): the expected next-token loss, with
-    less variance than one sampled move."""
+    less variance than one sampled move.
 
-    games: int = 40_000
-    steps: int = 8000
+    Compute is the limit here (about 35 minutes on one loaded CPU thread), so the recipe
+    spends it where it measured best: a high peak learning rate (after 1200 steps the held-out
+    KL to the legal-move distribution was 0.43 nats at 1.5e-3, 0.37 at 4e-3, 0.33 at 8e-3)
+    and the forward pass in bfloat16 autocast (weights and optimiser stay float32; same loss
+    as float32, 1.6-1.8x faster on CPUs with bf16 matmuls).
+    """
+
+    games: int = 60_000
+    steps: int = 10_000
     batch: int = 64
-    lr: float = 1.5e-3
+    lr: float = 6e-3
     weight_decay: float = 0.01
     seed: int = 0
     chunk: int = 5000  # games generated at once
+    bf16: bool = True  # autocast the forward pass to bfloat16
 
 
 def build_model(seed: int = 0) -> Transformer:
@@ -236,6 +245,7 @@ def _subset(games: Games, idx: Tensor) -> Games:
 
 def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
     """Train the world model on random legal games (minutes on one thread)."""
+    start = time.perf_counter()
     data = dataset(recipe.games, recipe.seed, recipe.chunk)
     model = build_model(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -244,14 +254,16 @@ def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
     model.train()
     for step in range(recipe.steps):
         batch = _subset(data, torch.randint(recipe.games, (recipe.batch,), generator=gen))
-        loss = next_move_loss(model(batch.tokens), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            logits = model(batch.tokens)  # [batch, T, vocab]
+        loss = next_move_loss(logits.float(), batch)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if log and (step % 250 == 0 or step == recipe.steps - 1):
-            log(f"step {step}: loss {loss.item():.4f}")
+            log(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     return model.eval()
 
 
@@ -278,6 +290,25 @@ def legal_top1(model: Transformer, games: Games) -> float:
     top = model(games.tokens)[..., :N_MOVES].argmax(-1)  # [n, T]
     has = games.legal_next.any(-1)
     return float(games.legal_next.gather(2, top[..., None])[..., 0][has].double().mean())
+
+
+@torch.no_grad()
+def legal_quality(model: Transformer, games: Games) -> dict[str, float]:
+    """How well the model knows the legal moves, over positions with a next move.
+
+    ``exact``: its top-k moves (k = number of legal moves) are exactly the legal ones (the
+    criterion the edit check uses, here on unedited boards); ``errors``: mean number of
+    illegal moves among them; ``kl``: nats between the data's next-move distribution
+    (uniform over the legal moves) and the model's.
+    """
+    logits = model(games.tokens)  # [n, T, vocab]
+    legal = games.legal_next
+    has = legal.any(-1)
+    entropy = torch.log(legal.sum(-1)[has].double()).mean()
+    pred = predicted_set(logits[has], legal.sum(-1)[has])
+    wrong = (pred & ~legal[has]).sum(-1)
+    return {"exact": float((wrong == 0).double().mean()), "errors": float(wrong.double().mean()),
+            "kl": float(next_move_loss(logits, games) - entropy)}
 
 
 def predicted_set(logits: Tensor, k: Tensor) -> Tensor:  # [n, 32] logits, [n] sizes -> [n, 32] bool
@@ -394,7 +425,9 @@ def probe_edit(model: Transformer, games: Games, cases: EditCases, probes: dict[
 
     Success: the model's top-k moves (k = number of legal moves on the edited board) are exactly
     the edited board's legal moves. Returns the success rate, the mean number of wrong moves
-    (Li et al.'s error count) and the same for the unedited model against the edited board.
+    (Li et al.'s error count) and the same for the unedited model against the edited board;
+    ``clean_board_known`` is the fraction of cases whose real board the unedited model gets exactly
+    right, and ``*_success_where_known`` the success rates on those cases alone.
     """
     from mechscope.core.run import run
     from mechscope.core.site import Site
@@ -418,12 +451,16 @@ def probe_edit(model: Transformer, games: Games, cases: EditCases, probes: dict[
         edited = run(model, tokens, plan)[0][torch.arange(n), cases.pos]
         clean = model(tokens)[torch.arange(n), cases.pos]
     k = cases.legal_edited.sum(-1)
-    out = {}
+    # the cases where the unedited model gets the real board's legal moves exactly: there a failed
+    # edit is the edit's fault, not the world model's
+    knows = (predicted_set(clean, cases.legal_clean.sum(-1)) & ~cases.legal_clean).sum(-1) == 0
+    out = {"clean_board_known": float(knows.double().mean())}
     for name, logits in (("edited", edited), ("clean", clean)):
         pred = predicted_set(logits, k)
         wrong = (pred & ~cases.legal_edited).sum(-1)
         out[f"{name}_success"] = float((wrong == 0).double().mean())
         out[f"{name}_errors"] = float(wrong.double().mean())
+        out[f"{name}_success_where_known"] = float((wrong[knows] == 0).double().mean()) if knows.any() else float("nan")
     return out
 
 
