@@ -127,3 +127,19 @@ def test_bench_checks_are_registered_with_the_published_thresholds():
     assert (str(t["w_in_live"]), str(t["w_in_violations"])) == ("== 100", "<= 5")
     t = checks["resid_mlp/spd_surgery/lost_fraction"].thresholds
     assert (str(t["lost_fraction"]), str(t["others_error_change"])) == (">= 0.9", "<= 0.1")
+
+
+def test_cli_ship_records_the_step_count(tmp_path, monkeypatch, capsys):
+    # ship into a copy of the zoo, so that the bench can label a shortened run
+    import shutil
+
+    from mechscope.spd.checkpoint import read_extra
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    shutil.copy(targets.target("tms_5_2").checkpoint, zoo / "spd_tms_5_2.safetensors")
+    monkeypatch.setattr(targets, "CHECKPOINTS", zoo)
+    assert main(["spd", "train", "--target", "tms_5_2", "--out", str(tmp_path / "run"), "--steps", "3",
+                 "--batch-size", "16", "--warmup-steps", "1", "--C", "4", "--ship"]) == 0
+    extra = read_extra(zoo / "spd_tms_5_2_decomposition.safetensors")
+    assert (extra["steps"], extra["published_steps"], extra["steps_run"]) == (3, 10_000, 3)

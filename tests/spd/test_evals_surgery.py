@@ -10,6 +10,7 @@ from mechscope.spd.components import SPDError
 from mechscope.spd.config import SPDConfig
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.evals import (
+    ablation_effects,
     dense_report,
     identity_report,
     live_counts,
@@ -53,6 +54,43 @@ def test_dense_report_finds_a_block_used_by_every_input():
     ci[2, 0] = 0.5  # a third subcomponent used on one input
     assert dense_report(ci, k=2)["violations"] == 1
     assert dense_report(torch.cat([torch.ones(5, 1), torch.zeros(5, 5)], 1), k=2)["violations"] == 5
+
+
+def test_dense_report_also_gives_the_reference_column_count():
+    # the +ID pattern of a minimal decomposition: each identity subcomponent is unused on
+    # the one feature whose hidden direction it does not read
+    ci = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    rep = dense_report(ci, k=2)
+    assert rep["violations"] == 2 and rep["block_min"] == 0.0 and rep["column_errors"] == 0
+    weak = ci.clone()
+    weak[:, 1] = 0.5  # a block column important on no input
+    assert dense_report(weak, k=2)["column_errors"] == 1
+    extra = torch.cat([ci, torch.tensor([[0.0], [0.3], [0.0], [0.0], [0.0]])], 1)  # a third column in use
+    assert dense_report(extra, k=2)["column_errors"] == 1
+
+
+def test_ablation_effects_are_zero_where_a_subcomponent_reads_nothing():
+    # features enter a 2-d hidden space along (1, 0), (0, 1) and (1, 1); the identity is
+    # decomposed along the axes, and the decoder is an isometry
+    W = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # [hidden 2, features 3]
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Identity(), nn.Linear(2, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+        model[2].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    dec = Decomposition(model, SPDConfig(sites=("1",), C=3), example_inputs=torch.zeros(1, 3))
+    with torch.no_grad():
+        comps = dec.comps("1")
+        comps.U_param.zero_()
+        comps.V_param.zero_()
+        comps.U_param[:, :2] = torch.eye(2)
+        comps.V_param[:2] = torch.eye(2)
+    effect = ablation_effects(model, dec, "1", torch.eye(3) * 0.75, [0, 1])
+    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    assert torch.allclose(effect, expected, atol=1e-6)
+    with pytest.raises(SPDError, match="out of range"):
+        ablation_effects(model, dec, "1", torch.eye(3), [3])
+    with pytest.raises(SPDError, match="not a decomposed layer"):
+        ablation_effects(model, dec, "0", torch.eye(3), [0])
 
 
 def _exact_tms_decomposition(W: torch.Tensor, C: int = 8):

@@ -114,7 +114,10 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
         from mechscope.spd.checkpoint import save_decomposition
 
         path = targets.target(cmd.target).decomposition_checkpoint
-        save_decomposition(path, run.decomposition, {"target": cmd.target, "steps_per_second": run.steps_per_second})
+        # the step count lets the bench label a decomposition shipped from a shortened run
+        save_decomposition(path, run.decomposition, {
+            "target": cmd.target, "steps": cfg.steps, "published_steps": targets.target(cmd.target).spd.steps,
+            "steps_run": run.steps_run, "seconds": run.seconds, "steps_per_second": run.steps_per_second})
         print(f"shipped {path}")
     return 0
 

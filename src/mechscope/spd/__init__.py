@@ -38,6 +38,7 @@ _EXPORTS = {
     "importance_matrix": "mechscope.spd.evals",
     "identity_report": "mechscope.spd.evals",
     "dense_report": "mechscope.spd.evals",
+    "ablation_effects": "mechscope.spd.evals",
     "mmcs_ml2r": "mechscope.spd.evals",
     "live_counts": "mechscope.spd.evals",
     "reconstruction_losses": "mechscope.spd.evals",

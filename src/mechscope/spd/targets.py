@@ -187,7 +187,8 @@ def decompose_target(name: str, out_dir: str | Path, steps: int | None = None, s
     if ship:
         save_decomposition(t.decomposition_checkpoint, run.decomposition,
                            {"target": name, "steps": cfg.steps, "published_steps": t.spd.steps,
-                            "steps_per_second": run.steps_per_second, "seconds": run.seconds})
+                            "steps_per_second": run.steps_per_second, "seconds": run.seconds,
+                            "steps_run": run.steps_run})  # < steps when the run was resumed
     return run
 
 
