@@ -201,6 +201,16 @@ def _init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _leave_distributed() -> None:
+    """After a distributed run: wait for every rank (rank 0 writes last), then leave the group,
+    so no rank tears its gloo connections down while another still uses them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     data = {f.name: getattr(args, f.name) for f in dataclasses.fields(SPDCommandConfig)}
     cmd = SPDCommandConfig.from_dict(data)
@@ -211,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
         _init_distributed()
     try:
         if args.spd_action == "train":
-            return _train(cmd, args)
+            code = _train(cmd, args)
+            _leave_distributed()
+            return code
         if args.spd_action == "eval":
             return _eval(cmd)
         return _figures(cmd)

@@ -141,4 +141,7 @@ def split_rows(batch: Tensor, comm: Comm) -> Tensor:
 def finish(comm: Comm) -> None:
     """Leave the process group (no-op for one process)."""
     if isinstance(comm, DistComm) and dist.is_initialized():
+        # every rank waits here until rank 0 has written its files: a rank that tears its
+        # gloo connections down while the other still talks can abort at exit (seen in CI)
+        dist.barrier()
         dist.destroy_process_group()
