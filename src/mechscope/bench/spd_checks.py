@@ -143,13 +143,11 @@ def tms_5_2_id(ctx) -> list[Result]:
                               ident["columns"][:model.n_hidden])
 
     def values(r: dict[str, Any]) -> dict[str, float]:
-        ident = r["layers"]["identity"]
-        return {"identity_live": r["live"]["identity"], "identity_importance_min": ident["block_min"]}
+        return {"identity_live": r["live"]["identity"], "identity_importance_min": r["layers"]["identity"]["block_min"]}
 
     got, ref = values(result), values(base)
     detail = {"setting": result["setting"], "live": result["live"],
-              "identity_dense_violations": result["layers"]["identity"]["violations"],
-              "identity_ci_alive": result["layers"]["identity"]["n_alive"],
+              "identity_dense_violations": ident["violations"], "identity_ci_alive": ident["n_alive"],
               "identity_importance_one_hot": [[round(float(v), 4) for v in row]
                                               for row in result["_matrices"]["identity"][:, :2]],
               "identity_ablation_effect_one_hot": [[round(float(v), 4) for v in row] for row in effect],

@@ -29,7 +29,6 @@ The shipped checkpoint ``zoo/checkpoints/instructions.safetensors`` is reproduce
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.batch import collate
+from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
 N_SYMBOLS = 12
@@ -233,36 +233,20 @@ def answer_loss(model: nn.Module, tb: TrainBatch) -> Tensor:
 def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
     """Train the instruction model on the :data:`MIXTURE` language (a few minutes on one thread)."""
     model = build_model(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    model.train()
-    for step in range(recipe.steps):
-        loss = answer_loss(model, train_batch(mixture(recipe.batch, seed=recipe.seed * 1_000_003 + step + 1)))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 250 == 0 or step == recipe.steps - 1):
-            log(f"step {step}: loss {loss.item():.4f}")
-    return model.eval()
+
+    def loss_at(step: int) -> Tensor:
+        return answer_loss(model, train_batch(mixture(recipe.batch, seed=recipe.seed * 1_000_003 + step + 1)))
+
+    return train_steps(model, recipe, loss_at, pct_start=0.1, clip=1.0, log=log)
 
 
 def save(model: Transformer, path: Path = CHECKPOINT, recipe: Recipe = Recipe()) -> None:
-    from mechscope.core.checkpoint import save_module
-
-    save_module(path, model, {"model": dataclasses.asdict(MODEL), "recipe": dataclasses.asdict(recipe)})
+    save_shipped(path, model, MODEL, recipe)
 
 
 def load(path: Path = CHECKPOINT) -> Transformer:
     """The shipped (or a retrained) instruction model, in eval mode."""
-    from mechscope.core.checkpoint import MissingCheckpointError, load_module_state
-
-    if not Path(path).exists():
-        raise MissingCheckpointError(f"no instruction-model checkpoint at {path}; run `mechscope train instructions`")
-    model = Transformer(MODEL)
-    load_module_state(path, model)
-    return model.eval()
+    return load_shipped(path, MODEL, "instruction-model", "instructions")
 
 
 def train_and_ship(out_dir: Path, log: Any = None) -> list[Path]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
 SIZE = 6
@@ -248,40 +249,26 @@ def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
     start = time.perf_counter()
     data = dataset(recipe.games, recipe.seed, recipe.chunk)
     model = build_model(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model.train()
-    for step in range(recipe.steps):
+
+    def loss_at(step: int) -> Tensor:
         batch = _subset(data, torch.randint(recipe.games, (recipe.batch,), generator=gen))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             logits = model(batch.tokens)  # [batch, T, vocab]
-        loss = next_move_loss(logits.float(), batch)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 250 == 0 or step == recipe.steps - 1):
-            log(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
-    return model.eval()
+        return next_move_loss(logits.float(), batch)
+
+    if log:
+        log(f"{recipe.games} games generated ({time.perf_counter() - start:.0f}s)")
+    return train_steps(model, recipe, loss_at, pct_start=0.05, clip=1.0, log=log)
 
 
 def save(model: Transformer, path: Path = CHECKPOINT, recipe: Recipe = Recipe()) -> None:
-    from mechscope.core.checkpoint import save_module
-
-    save_module(path, model, {"model": dataclasses.asdict(MODEL), "recipe": dataclasses.asdict(recipe)})
+    save_shipped(path, model, MODEL, recipe)
 
 
 def load(path: Path = CHECKPOINT) -> Transformer:
     """The shipped (or a retrained) world model, in eval mode."""
-    from mechscope.core.checkpoint import MissingCheckpointError, load_module_state
-
-    if not Path(path).exists():
-        raise MissingCheckpointError(f"no Othello checkpoint at {path}; run `mechscope train othello`")
-    model = Transformer(MODEL)
-    load_module_state(path, model)
-    return model.eval()
+    return load_shipped(path, MODEL, "Othello", "othello")
 
 
 @torch.no_grad()

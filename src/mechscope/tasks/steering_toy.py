@@ -21,7 +21,6 @@ The shipped checkpoint ``zoo/checkpoints/steering_toy.safetensors`` is reproduce
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
 N_SYMBOLS = 16
@@ -114,37 +114,22 @@ def build_model(seed: int = 0) -> Transformer:
 def train(recipe: Recipe = Recipe(), log: Any = None) -> Transformer:
     """Train the steering toy from scratch (about a minute on one CPU thread)."""
     model = build_model(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    model.train()
-    for step in range(recipe.steps):
+
+    def loss_at(step: int) -> Tensor:
         batch = sample(recipe.batch, seed=recipe.seed * 1_000_003 + step + 1)
         logits = model(batch.ids)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets(batch).reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step % 250 == 0 or step == recipe.steps - 1):
-            log(f"step {step}: loss {loss.item():.4f}")
-    return model.eval()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets(batch).reshape(-1))
+
+    return train_steps(model, recipe, loss_at, pct_start=0.1, log=log)
 
 
 def save(model: Transformer, path: Path = CHECKPOINT, recipe: Recipe = Recipe()) -> None:
-    from mechscope.core.checkpoint import save_module
-
-    save_module(path, model, {"model": dataclasses.asdict(MODEL), "recipe": dataclasses.asdict(recipe)})
+    save_shipped(path, model, MODEL, recipe)
 
 
 def load(path: Path = CHECKPOINT) -> Transformer:
     """The shipped (or a retrained) steering toy, in eval mode."""
-    from mechscope.core.checkpoint import MissingCheckpointError, load_module_state
-
-    model = Transformer(MODEL)
-    if not Path(path).exists():
-        raise MissingCheckpointError(f"no steering-toy checkpoint at {path}; run `mechscope train steering_toy`")
-    load_module_state(path, model)
-    return model.eval()
+    return load_shipped(path, MODEL, "steering-toy", "steering_toy")
 
 
 # --------------------------------------------------------------------------- measures
