@@ -56,6 +56,18 @@ def test_scoreboard_schema_and_file(tmp_path):
     assert exit_status(board) == 0
 
 
+def test_scoreboard_file_follows_the_umask(tmp_path):
+    """A temp file's 0600 must not leak into the scoreboard (others read a shared bench directory)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run(tmp_path, seed=0)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out" / "scoreboard.json").st_mode & 0o777 == 0o644
+
+
 def test_failed_check_sets_exit_status(tmp_path):
     board, _ = run(tmp_path, registry=make_registry(failing=True))
     assert [r["passed"] for r in board["rows"] if r["task"] == "beta"] == [False]

@@ -25,16 +25,24 @@ from mechscope.core.site import Site
 # ------------------------------------------------------------------------------ superposition
 
 TOLERANCE_D = 0.05  # "loose": the authors' own run puts ~26 % of features within 0.005
+# Added after the first runs, because the loose criterion above is met by untrained weights
+# too (0.48-0.66 over seeds 0-4: at 0.05 the six fractions cover most of [0.33, 1]). At the
+# authors' own tolerance the untrained share is 0.04-0.115 (seeds 0-4), the authors' ~0.26;
+# registered before the trained value was looked at: >= 0.20.
+TIGHT_TOLERANCE_D, TIGHT_SHARE = 0.005, 0.20
 
 
 @check("tms", "superposition", "dense_dstar_abs_error", threshold=("<=", 0.05),
        other_metrics={"dense_represented_features": ("==", 2), "sparse_represented_features": (">", 2),
                       "sparse_dimensions_per_feature": ("<=", 0.55),
-                      "feature_dimensionality_near_fractions": (">=", 0.5)},
+                      "feature_dimensionality_near_fractions": (">=", 0.5),
+                      "feature_dimensionality_near_fractions_tight": (">=", TIGHT_SHARE)},
        baselines={"untrained": "the same measure on the initial (untrained) weights"},
        description="TMS n=5, m=2, importance 0.9^i, ten sparsity levels trained as one tensor (10k steps): "
                    "dense -> D* = 1 with m features; sparse -> > m features and D* <= 0.55; per-feature D_i "
-                   f"within {TOLERANCE_D} of a geometric fraction for at least half the represented features")
+                   f"within {TOLERANCE_D} of a geometric fraction for at least half the represented features, and "
+                   f"within {TIGHT_TOLERANCE_D} (the authors' tolerance) for at least {TIGHT_SHARE:.0%} of them "
+                   "(untrained weights meet the loose criterion but not the tight one)")
 def tms_superposition(ctx) -> list[Result]:
     from mechscope.tasks import tms
 
@@ -45,9 +53,9 @@ def tms_superposition(ctx) -> list[Result]:
     dense, sparse = 0, cfg.n_instances - 1  # probabilities fall from 1 to 1/20
     dstar, rep = tms.dimensions_per_feature(W), tms.represented_features(W)
 
-    def near_share(w: torch.Tensor) -> float:
+    def near_share(w: torch.Tensor, tolerance: float = TOLERANCE_D) -> float:
         keep = tms.feature_norms(w) > 0.5
-        hits = tms.near_fraction(tms.feature_dimensionality(w), TOLERANCE_D)[keep]
+        hits = tms.near_fraction(tms.feature_dimensionality(w), tolerance)[keep]
         return float(hits.double().mean()) if hits.numel() else 0.0
 
     base_d, base_rep = tms.dimensions_per_feature(untrained), tms.represented_features(untrained)
@@ -65,6 +73,9 @@ def tms_superposition(ctx) -> list[Result]:
         Result(float(dstar[sparse]), {"untrained": float(base_d[sparse])}, detail, metric="sparse_dimensions_per_feature"),
         Result(near_share(W), {"untrained": near_share(untrained)}, {**detail, "tolerance": TOLERANCE_D,
                "fractions": list(tms.GEOMETRIC_FRACTIONS)}, metric="feature_dimensionality_near_fractions"),
+        Result(near_share(W, TIGHT_TOLERANCE_D), {"untrained": near_share(untrained, TIGHT_TOLERANCE_D)},
+               {**detail, "tolerance": TIGHT_TOLERANCE_D, "fractions": list(tms.GEOMETRIC_FRACTIONS)},
+               metric="feature_dimensionality_near_fractions_tight"),
     ]
 
 
