@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mechscope.circuits.patching import (Cell, Direction, Metric, PatchResult, _check_pair, _positions_ok,
+from mechscope.circuits.patching import (Cell, Direction, Metric, PatchResult, _positions_ok, base_and_source,
                                          ablation_name, by_site, model_output, normalised_score)
 from mechscope.circuits.readout import Head, find_head, read_positions
 from mechscope.core.run import HookCall, NonFiniteActivationError, run
@@ -91,13 +91,7 @@ def attribution_patching(model: nn.Module, clean: Any, corrupt: Any, cells: Sequ
     len(readout), vocab]``); the base run's final norm and unembedding then run there only,
     forward and backward, where the model's own logits confirm that this is what it does.
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if not cells:
-        raise ValueError("attribution_patching needs at least one cell")
-    _check_pair(clean, corrupt)
-    base, source = (clean, corrupt) if direction == "noise" else (corrupt, clean)
-    sites = list(dict.fromkeys(c.site for c in cells))
+    base, source, sites = base_and_source(clean, corrupt, direction, cells, "attribution_patching")
     head = find_head(model, sites) if readout is not None else None
     with torch.no_grad():  # one forward on the source: its output, its activations, and a check of the head
         out, src = run(model, source, cache=list(dict.fromkeys(sites + ([head.anchor] if head else []))),

@@ -124,6 +124,21 @@ def _check_pair(clean: Any, corrupt: Any) -> None:
                          f"got {shapes(clean)} and {shapes(corrupt)}; pad them to the same length")
 
 
+def base_and_source(clean: Any, corrupt: Any, direction: Direction, cells: Sequence[Cell] | None = None,
+                    caller: str = "patching") -> tuple[Any, Any, list[Site]]:
+    """Checked inputs: (base run, source run, the cells' distinct sites in order).
+
+    ``"noise"`` runs the clean input with corrupt values patched in; ``"denoise"`` the reverse.
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    if cells is not None and not cells:
+        raise ValueError(f"{caller} needs at least one cell")
+    _check_pair(clean, corrupt)
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    return base, source, list(dict.fromkeys(c.site for c in cells or ()))
+
+
 class _CellWrites:
     """The intervention at one site: copy j of the repeated batch gets its cell's source values."""
 
@@ -195,13 +210,7 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     ``readout``: the positions whose logits the metric reads (it then gets ``[batch,
     len(readout), vocab]``); replays apply the final norm and unembedding there only.
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if not cells:
-        raise ValueError("patch_cells needs at least one cell")
-    _check_pair(clean, corrupt)
-    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    sites = list(dict.fromkeys(c.site for c in cells))
+    base, source, sites = base_and_source(clean, corrupt, direction, cells, "patch_cells")
     values = torch.empty(len(cells), dtype=torch.float64)
     with torch.no_grad():
         out_source, src = run(model, source, cache=sites)  # the source's metric and activations
@@ -385,8 +394,7 @@ def path_patch(model: nn.Module, clean: Any, corrupt: Any, sender: Site, receive
     run the base with only the receiver set to that value (every other path from the
     sender is left at the base). Returns the normalised patching score.
     """
-    _check_pair(clean, corrupt)
-    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base, source, _ = base_and_source(clean, corrupt, direction)
     with torch.no_grad():
         m_clean, m_corrupt = _metric(metric, call_model(model, clean)), _metric(metric, call_model(model, corrupt))
         from mechscope.core.intervene import Replace
