@@ -23,6 +23,11 @@ normal(0, 0.02) initialisation: 0.95-0.97) are also neuron-aligned: the neuron s
 answer: at the final block Boundless DAS finds the answer O itself (the network then says
 the source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
 no, 0.55 for the reverse), and after block 0 the last position holds no L (IIA ~0.54).
+Neither longer training of the alignment (20k examples x 20 epochs: 0.80; fixed-size DAS with
+1, 4 or 16 dimensions: 0.76-0.77) nor other networks, trained and searched once each and not
+shipped, reach 0.90 at the last position: 3 layers on digits 0.78; no "?" token (the answer
+read at Z) 0.78 / 0.81 after blocks 0 / 1; prices 0..99 as single tokens: L sits at Z's
+position after block 0 (0.90) and the last position holds 0.50 / 0.76.
 """
 
 from __future__ import annotations
