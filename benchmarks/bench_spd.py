@@ -3,11 +3,13 @@
 Contenders, timed in alternation in one process on the shipped targets:
 
 - ``ours``: the stochastic and layerwise forwards as one batched forward that reuses the
-  target's inner activations ``V a`` (``batched_passes=True``), and the blockwise
-  importance-MLP kernel;
+  target's inner activations ``V a`` (``batched_passes=True``), the hand-written
+  importance-MLP kernel (GELU once forward, its derivative once backward, reused work
+  buffers) and the optimizer ``train_spd`` uses (fused AdamW);
 - ``straightforward``: the same losses with the inner activations recomputed in every
   masked forward and the layerwise forwards run one layer after another
-  (``batched_passes=False``), with the plain autograd importance MLP.
+  (``batched_passes=False``), the plain autograd importance MLP and plain AdamW. Both use
+  the objective's fused mask/penalty function (which only makes this contender faster).
 
 Also printed: ``ours`` with sequential passes (what the batching alone gives), the share of
 a step spent in the target forward, the importance functions, the masked forward(s) and the
@@ -32,10 +34,11 @@ import torch
 
 from _timing import fix_threads, header, interleaved, verdict
 from mechscope.spd.decomposition import Decomposition
-from mechscope.spd.masks import delta_mask, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
+from mechscope.spd.masks import delta_mask, mask_and_penalised, stochastic_source
 from mechscope.spd.objective import SPDObjective
 from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass
 from mechscope.spd.targets import data_fn, load_target, target
+from mechscope.spd.train import make_optimizer
 
 REFERENCE_STEPS_PER_S = {"tms_5_2": 31.0, "resid_mlp": 4.1}  # the reference's best on a machine like this
 
@@ -47,7 +50,8 @@ def _setup(name: str, batched: bool, fused: bool) -> dict[str, Any]:
     for imp in dec.importance.values():
         imp.fused = fused
     obj = SPDObjective(dec)
-    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # ours: the optimizer train_spd uses (fused AdamW); the straightforward version: plain AdamW
+    opt = make_optimizer(dec.parameters(), cfg.lr) if fused else torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     data = data_fn(name)
     return {"dec": dec, "obj": obj, "opt": opt, "gen": gen, "data": data, "cfg": cfg}
@@ -73,10 +77,10 @@ def _phases(s: dict[str, Any], repeats: int) -> dict[str, float]:
         t2 = time.perf_counter()
         inner = {p: dec.comps(p).inner(acts[p]) for p in dec.paths}
         z = {p: dec.importance_logits(p, acts[p], inner[p]) for p in dec.paths}
-        g = {p: lower_leaky_hard_sigmoid(v) for p, v in z.items()}
-        upper = {p: upper_leaky_hard_sigmoid(v) for p, v in z.items()}
-        masks = {p: stochastic_mask(v, cfg.mask, gen) for p, v in g.items()}
-        deltas = {p: delta_mask(v.shape[:-1], cfg.mask, gen, like=v) for p, v in g.items()}
+        masks, upper = {}, {}
+        for p in dec.paths:  # as SPDObjective does it
+            masks[p], upper[p], _ = mask_and_penalised(z[p], stochastic_source(z[p], cfg.mask, gen), cfg.leak)
+        deltas = {p: delta_mask(v.shape[:-1], cfg.mask, gen, like=v) for p, v in z.items()}
         t3 = time.perf_counter()
         if cfg.batched_passes:
             outs = batched_masked_passes(dec.model, dec, x, acts, inner, masks, deltas)
@@ -96,15 +100,18 @@ def _phases(s: dict[str, Any], repeats: int) -> dict[str, float]:
 
 
 def peak_memory_mib(name: str, batched: bool, fused: bool, steps: int) -> tuple[float, float]:
-    """Peak RSS of a fresh process after setting up one contender, and after ``steps`` steps
-    (the difference is what training adds to the imports, the target and the parameters)."""
+    """Resident memory of a fresh process after setting up one contender and one step (which
+    finishes the lazy imports: the first optimizer step alone imports ~75 MiB of torch), and
+    the peak during ``steps`` more steps (Linux: the high-water mark is reset in between, so
+    that the import-time peak does not hide the training peak)."""
     code = (
-        "import resource, sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks');"
+        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks');"
         "import bench_spd as b;"
-        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
-        f"s = b._setup({name!r}, {batched}, {fused}); before = peak();"
+        "kib = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key));"
+        f"s = b._setup({name!r}, {batched}, {fused}); b._step(s); before = kib('VmRSS') / 1024;"
+        "open('/proc/self/clear_refs', 'w').write('5');"
         f"[b._step(s) for _ in range({steps})];"
-        "print(before, peak())")
+        "print(before, kib('VmHWM') / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = out.stdout.strip().splitlines()[-1].split()
     return float(before), float(after)
@@ -154,7 +161,7 @@ def bench_target(name: str, quick: bool) -> bool:
         ok_ref = ok_ref and ok_time
     if not quick:
         mem = {k: peak_memory_mib(name, *contenders[k], steps=3) for k in ("ours", "straightforward")}
-        print("  peak RSS of a fresh process (after setup -> after 3 steps): " + ", ".join(
+        print("  resident memory of a fresh process (after setup and a step -> peak over 3 more steps): " + ", ".join(
             f"{k} {a:.0f} -> {b:.0f} MiB" for k, (a, b) in mem.items()) + " (reference on TMS 5-2: ~710 MiB)")
     return ok_ratio and ok_ref
 

@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
            "mask_draw": torch.rand(3, generator=mask_gen).tolist(), "rank": distributed.world()[0]}
     with open(f"{tmp}/rank{rank}.json", "w") as f:
         json.dump(out, f)
+    dist.barrier()  # leave together: a rank tearing gloo down while the other still works can abort
     dist.destroy_process_group()
 
 

@@ -13,12 +13,22 @@ ablated on input ``x``. Both forms return the *pre-activation* ``z``; the hard s
 Initialisation follows the reference: Kaiming-normal weights (ReLU gain for hidden
 layers, linear for the output), zero biases.
 
-Speed: the scalar MLPs are the largest tensors of a toy-model step (``[batch, C, 16]``
-per layer). With one hidden layer (the default) they run through
-:class:`_ScalarMLPFn`, which processes the batch in cache-sized row blocks, keeps no
-``[batch, C, hidden]`` tensor alive between forward and backward (it recomputes the
-block in the backward), and so needs neither the memory nor the memory bandwidth of the
-plain autograd graph; its gradients equal the plain graph's (tested).
+Speed: the scalar MLPs are the largest tensors of a toy-model step (``C × hidden`` values
+per example and layer) and their exact (erf) GELU and its derivative are most of a TMS
+step. With one hidden layer (the default) they run through :class:`_ScalarMLPFn`, a
+hand-written forward and backward of the same function that
+
+- works in a ``[C, hidden, N]`` layout (the batch innermost), where every reduction (over
+  the hidden units in the forward and for ``∂z/∂h``, over the batch for the parameters'
+  gradients) is one batched matrix product instead of a strided sum;
+- evaluates GELU once in the forward and its derivative once in the backward (the
+  incoming gradient times GELU', in place), in two ``[C, hidden, N]`` buffers (the
+  pre-activations and GELU of them) that the module keeps from step to step: a fresh
+  multi-megabyte tensor per step costs its page faults again whenever the allocator has
+  handed the memory back to the system, which on a loaded machine cost more than the
+  GELU itself. The price: those two tensors stay allocated between steps.
+
+Its values and gradients equal the plain autograd graph's to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -27,47 +37,88 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from mechscope.spd.components import SPDError
-
-BLOCK_ELEMENTS = 1 << 17  # rows per block such that a [rows, C, hidden] block stays in cache
-
 
 def _kaiming(shape: tuple[int, ...], fan_in: int, gain: float, generator: torch.Generator | None) -> Tensor:
     return torch.randn(shape, generator=generator) * (gain / math.sqrt(fan_in))
 
 
+class _Buffers:
+    """Two ``[C, H, N]`` work tensors a module reuses across steps (pre-activations, GELU).
+
+    A forward takes them for its backward (``busy``) and the backward gives them back. A
+    second forward before that backward (two graphs alive at once) gets fresh tensors, so
+    that no graph's saved values are ever overwritten; autograd's version counters would
+    refuse such a backward anyway.
+    """
+
+    def __init__(self) -> None:
+        self.pair: tuple[Tensor, Tensor] | None = None
+        self.busy = False
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+        if self.busy:
+            return torch.empty(shape, dtype=like.dtype, device=like.device), torch.empty(
+                shape, dtype=like.dtype, device=like.device)
+        pair = self.pair
+        if pair is None or pair[0].shape != shape or pair[0].dtype != like.dtype or pair[0].device != like.device:
+            pair = self.pair = tuple(torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(2))
+        self.busy = True
+        return pair
+
+    def give_back(self, t: Tensor) -> None:
+        if self.pair is not None and t is self.pair[0]:
+            self.busy = False
+
+
+def _pre_activations(hT: Tensor, w_in: Tensor, b_in: Tensor, out: Tensor) -> Tensor:  # [C, N] -> [C, H, N]
+    """``w_in[c, k] h[n, c] + b_in[c, k]`` with the batch innermost, written into ``out``."""
+    return torch.mul(w_in[:, :, None], hT[:, None, :], out=out).add_(b_in[:, :, None])
+
+
 class _ScalarMLPFn(torch.autograd.Function):
-    """``z[n, c] = Σ_h w_out[c, h] GELU(w_in[c, h] h[n, c] + b_in[c, h]) + b_out[c]``, blockwise."""
+    """``z[n, c] = Σ_k w_out[c, k] GELU(w_in[c, k] h[n, c] + b_in[c, k]) + b_out[c]``.
+
+    With ``pre`` the pre-activations, ``a = GELU(pre)`` and ``g_pre = GELU'(pre) w_out g``
+    for the incoming gradient ``g``: ``∂/∂h = Σ_k w_in g_pre``, ``∂/∂w_in = Σ_n h g_pre``,
+    ``∂/∂b_in = Σ_n g_pre``, ``∂/∂w_out = Σ_n g a``, ``∂/∂b_out = Σ_n g``.
+    """
 
     @staticmethod
-    def forward(ctx, h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:  # type: ignore[override]
-        rows = max(1, BLOCK_ELEMENTS // max(w_in.numel(), 1))
-        z = torch.empty_like(h)  # [N, C]
-        for s in range(0, h.shape[0], rows):
-            pre = torch.addcmul(b_in, h[s:s + rows, :, None], w_in)  # [rows, C, H]
-            z[s:s + rows] = F.gelu(pre).mul_(w_out).sum(-1)
-        z += b_out
-        ctx.save_for_backward(h, w_in, b_in, w_out)
-        ctx.rows = rows
-        return z
+    def forward(ctx, h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor,  # type: ignore[override]
+                buffers: _Buffers) -> Tensor:
+        hT = h.T.contiguous()  # [C, N]
+        pre, act = buffers.take((w_in.shape[0], w_in.shape[1], hT.shape[1]), hT)  # [C, H, N] each
+        _pre_activations(hT, w_in, b_in, pre)
+        torch.ops.aten.gelu.out(pre, out=act)
+        z = torch.bmm(w_out[:, None, :], act)[:, 0]  # [C, N]
+        ctx.save_for_backward(hT, w_in, w_out, pre, act)
+        ctx.buffers = buffers
+        return (z + b_out[:, None]).T.contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gz: Tensor):  # type: ignore[override]
-        h, w_in, b_in, w_out = ctx.saved_tensors
-        rows = ctx.rows
-        gh = torch.empty_like(h)
-        g_w_in, g_b_in, g_w_out = torch.zeros_like(w_in), torch.zeros_like(b_in), torch.zeros_like(w_out)
-        for s in range(0, h.shape[0], rows):
-            hb, gzb = h[s:s + rows, :, None], gz[s:s + rows, :, None]  # [rows, C, 1]
-            pre = torch.addcmul(b_in, hb, w_in)  # recomputed: [rows, C, H]
-            g_w_out += F.gelu(pre).mul_(gzb).sum(0)
-            g_pre = torch.ops.aten.gelu_backward(gzb * w_out, pre)  # [rows, C, H]
-            g_b_in += g_pre.sum(0)
-            gh[s:s + rows] = (g_pre * w_in).sum(-1)
-            g_w_in += g_pre.mul_(hb).sum(0)
-        return gh, g_w_in, g_b_in, g_w_out, gz.sum(0)
+        hT, w_in, w_out, pre, act = ctx.saved_tensors
+        gzT = gz.T.contiguous()  # [C, N]
+        g_w_out = torch.bmm(gzT[:, None, :], act.transpose(1, 2))[:, 0]  # [C, H]; act is free after this
+        g_pre = torch.mul(gzT[:, None, :], w_out[:, :, None], out=act)  # dL/d GELU(pre), [C, H, N]
+        torch.ops.aten.gelu_backward.grad_input(g_pre, pre, grad_input=g_pre)  # now dL/d pre
+        gh = torch.bmm(w_in[:, None, :], g_pre)[:, 0]  # [C, N]
+        r = torch.bmm(torch.stack([hT, torch.ones_like(hT)], 1), g_pre.transpose(1, 2))  # [C, 2, H]
+        ctx.buffers.give_back(pre)
+        return gh.T, r[:, 0], r[:, 1], g_w_out, gzT.sum(1), None
+
+
+def scalar_mlp_no_grad(h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """The same ``z`` [N, C] without a graph (evaluation)."""
+    hT = h.T.contiguous()
+    act = F.gelu(_pre_activations(hT, w_in, b_in, torch.empty(w_in.shape[0], w_in.shape[1], hT.shape[1],
+                                                               dtype=hT.dtype, device=hT.device)))
+    return (torch.bmm(w_out[:, None, :], act)[:, 0] + b_out[:, None]).T.contiguous()
 
 
 class ScalarMLPImportance(nn.Module):
@@ -82,6 +133,7 @@ class ScalarMLPImportance(nn.Module):
             raise SPDError(f"the importance MLP needs at least one hidden layer of width >= 1, got {list(hidden)}")
         self.C = int(C)
         self.fused = True  # False: the plain autograd graph (same values; for benchmarks and tests)
+        self._work = _Buffers()  # reused [C, H, N] work tensors (see the module docstring)
         gain = math.sqrt(2.0)
         self.w_in = nn.Parameter(_kaiming((C, hidden[0]), 1, gain, generator))  # [C, H1]
         self.b_in = nn.Parameter(torch.zeros(C, hidden[0]))
@@ -95,7 +147,12 @@ class ScalarMLPImportance(nn.Module):
         lead = h.shape[:-1]
         flat = h.reshape(-1, self.C)  # [N, C]
         if self.fused and not self.w_mid:
-            return _ScalarMLPFn.apply(flat, self.w_in, self.b_in, self.w_out, self.b_out).reshape(*lead, self.C)
+            params = (self.w_in, self.b_in, self.w_out, self.b_out)
+            if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in params)):
+                z = _ScalarMLPFn.apply(flat, *params, self._work)
+            else:
+                z = scalar_mlp_no_grad(flat, *params)
+            return z.reshape(*lead, self.C)
         return self.reference(flat).reshape(*lead, self.C)
 
     def reference(self, flat: Tensor) -> Tensor:  # [N, C] -> [N, C]

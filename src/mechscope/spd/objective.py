@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.losses import annealed_p, importance_minimality, mean_over_layers, reconstruction
-from mechscope.spd.masks import delta_mask, lower_leaky_hard_sigmoid, stochastic_mask, upper_leaky_hard_sigmoid
+from mechscope.spd.masks import delta_mask, mask_and_penalised, stochastic_source
 from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass
 
 ALIVE_CI = 0.1  # an importance above this counts the subcomponent as used on that input (CI L0)
@@ -37,14 +37,15 @@ class SPDObjective(nn.Module):
     def forward(self, inputs: Any, frac: float, generator: torch.Generator | None = None) -> dict[str, Any]:
         dec, cfg = self.dec, self.dec.cfg
         target, acts = target_pass(dec.model, dec, inputs)
-        inner, g_lower, g_upper = {}, {}, {}
+        inner, z = {}, {}
         for path in dec.paths:
             inner[path] = dec.comps(path).inner(acts[path])  # [batch, (pos,) C]
-            z = dec.importance_logits(path, acts[path], inner[path])
-            g_lower[path] = lower_leaky_hard_sigmoid(z, cfg.leak)
-            g_upper[path] = upper_leaky_hard_sigmoid(z, cfg.leak)
-        masks = {p: stochastic_mask(g_lower[p], cfg.mask, generator) for p in dec.paths}
-        deltas = {p: delta_mask(g_lower[p].shape[:-1], cfg.mask, generator, like=g_lower[p])
+            z[path] = dec.importance_logits(path, acts[path], inner[path])
+        masks, g_upper, g_lower = {}, {}, {}
+        for path in dec.paths:  # m = g + (1 - g) r with g lower-leaky; the penalty's g upper-leaky
+            r = stochastic_source(z[path], cfg.mask, generator)
+            masks[path], g_upper[path], g_lower[path] = mask_and_penalised(z[path], r, cfg.leak)
+        deltas = {p: delta_mask(z[p].shape[:-1], cfg.mask, generator, like=z[p])
                   if cfg.faithfulness == "delta" else None for p in dec.paths}
         layerwise = cfg.layerwise_coeff > 0
         if self.batched:
@@ -65,6 +66,6 @@ class SPDObjective(nn.Module):
             with torch.no_grad():
                 faith = dec.faithfulness()
         with torch.no_grad():
-            l0 = {path: (g > ALIVE_CI).float().sum(-1).mean() for path, g in g_lower.items()}
+            l0 = {path: torch.gt(g, ALIVE_CI, out=torch.empty_like(g)).sum(-1).mean() for path, g in g_lower.items()}
         return {"total": total, "stochastic": stochastic, "layerwise": lw, "importance": imp,
                 "faithfulness": faith, "p": p, "l0": l0}
