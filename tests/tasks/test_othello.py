@@ -87,16 +87,35 @@ def test_predicted_set_takes_the_top_k():
     assert torch.nonzero(o.predicted_set(logits, torch.tensor([2]))[0]).flatten().tolist() == [30, 31]
 
 
-def test_reflect_mirrors_the_margin():
-    g = torch.randn(3, 8)
-    off = torch.randn(3)
-    x = torch.randn(3, 1, 8)
-    edited = o.Reflect(g, off)(x)
-    margin = lambda v: (v[:, 0] * g).sum(-1) + off  # noqa: E731
-    assert torch.allclose(margin(edited), -margin(x), atol=1e-5)
-    rnd = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    moved = o.Reflect(g, off, rnd)(x) - x
-    assert torch.allclose(moved.norm(dim=-1), (edited - x).norm(dim=-1), atol=1e-5)  # same length, random way
+def _margin(v, g, off):  # the probe's target-over-source margin of [batch, 1, d] activations
+    return (v[:, 0].double() * g.double()).sum(-1) + off.double()
+
+
+def test_set_margin_sets_the_probe_margin_with_the_smallest_step():
+    torch.manual_seed(0)
+    g, off, x = torch.randn(3, 8), torch.randn(3), torch.randn(3, 1, 8)
+    edited = o.SetMargin(g, off, margin=6.0)(x)
+    assert torch.allclose(_margin(edited, g, off), torch.full((3,), 6.0, dtype=torch.float64), atol=1e-4)
+    step = (edited - x)[:, 0]
+    assert torch.allclose(torch.nn.functional.cosine_similarity(step, g).abs(), torch.ones(3), atol=1e-5)  # along g only
+    # setting a margin is idempotent, so editing layer after layer does not undo an edit that carried
+    # through; mirroring twice gives the original back
+    assert torch.allclose(o.SetMargin(g, off, margin=6.0)(edited), edited, atol=1e-5)
+    mirrored = o.SetMargin(g, off, margin=None)(x)
+    assert torch.allclose(_margin(mirrored, g, off), -_margin(x, g, off), atol=1e-4)
+    assert torch.allclose(o.SetMargin(g, off, margin=None)(mirrored), x, atol=1e-5)
+
+
+def test_random_control_moves_by_the_real_edit_lengths():
+    torch.manual_seed(1)
+    g, off, x = torch.randn(4, 8), torch.randn(4), torch.randn(4, 1, 8)
+    record: list = []
+    edited = o.SetMargin(g, off, margin=6.0, record=record)(x)
+    assert len(record) == 1 and torch.allclose(record[0], (edited - x)[:, 0].norm(dim=-1).double(), atol=1e-5)
+    rnd = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    moved = (o.SetMargin(g, off, margin=6.0, random=rnd, length=record[0])(x) - x)[:, 0]
+    assert torch.allclose(moved.norm(dim=-1), (edited - x)[:, 0].norm(dim=-1), atol=1e-5)  # same length
+    assert torch.allclose(torch.nn.functional.cosine_similarity(moved, rnd), torch.ones(4), atol=1e-5)  # random way
 
 
 class _Oracle:
@@ -138,3 +157,24 @@ def test_recipe_trains_with_bf16_autocast():
     with torch.no_grad():
         after = float(o.next_move_loss(model(games.tokens), games))
     assert after < before - 0.3
+
+
+def test_probe_edit_on_the_shipped_model_beats_random_directions():
+    """The shipped world model follows probe edits far more often than random edits of the same lengths."""
+    from mechscope.probe.linear import train_probe
+
+    torch.set_num_threads(1)
+    model = o.load()
+    games = o.random_games(300, seed=7)
+    game, pos = o.probe_rows(games, 6, seed=0)
+    layers = o.edit_layers()
+    acts = o.residuals(model, games, layers, game, pos)
+    rel = o.relative_states(games)[game, pos]
+    probes = {l: train_probe(acts[l], rel, groups=game, l2_grid=(1e-2,), max_iter=100, dtype=torch.float32).probe
+              for l in layers}
+    cases = o.edit_cases(games, 100, seed=0)
+    out = o.probe_edit(model, games, cases, probes, random_seed=0)
+    assert set(out["edit_length"]) == set(layers) and all(v > 0 for v in out["edit_length"].values())
+    assert out["edited_success"] > out["random_success"] + 0.2
+    assert out["edited_success"] > out["clean_success"] + 0.2
+    assert out["edited_errors"] < out["random_errors"]

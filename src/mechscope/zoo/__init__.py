@@ -74,7 +74,7 @@ def _instructions() -> nn.Module:
     return load()
 
 
-@register("othello", "trained 4-layer world model of 6x6 Othello (legal moves of random games)")
+@register("othello", "trained 6-layer world model of 6x6 Othello (legal moves of random games)")
 def _othello() -> nn.Module:
     from mechscope.tasks.othello import load
 
