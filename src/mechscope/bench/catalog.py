@@ -17,6 +17,7 @@ CHECK_MODULES: list[str] = [
     "mechscope.bench.spd_checks",
     "mechscope.bench.sae_checks",
     "mechscope.bench.control_checks",
+    "mechscope.bench.othello_checks",
 ]
 
 
