@@ -4,6 +4,7 @@ two codings of the board, edits, and the shipped world model."""
 import torch
 
 from mechscope.tasks import othello as o
+from mechscope.tasks import othello_edit as oe
 
 DIRS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
@@ -77,7 +78,7 @@ def test_relative_and_absolute_codings():
 
 def test_edit_cases_change_the_legal_moves():
     games = o.random_games(200, seed=3)
-    cases = o.edit_cases(games, 20, seed=0)
+    cases = oe.edit_cases(games, 20, seed=0)
     assert not bool((cases.legal_edited == cases.legal_clean).all(-1).any())
     assert bool(((cases.source == 1) | (cases.source == 2)).all()) and torch.equal(cases.target, 3 - cases.source)
 
@@ -94,26 +95,26 @@ def _margin(v, g, off):  # the probe's target-over-source margin of [batch, 1, d
 def test_set_margin_sets_the_probe_margin_with_the_smallest_step():
     torch.manual_seed(0)
     g, off, x = torch.randn(3, 8), torch.randn(3), torch.randn(3, 1, 8)
-    edited = o.SetMargin(g, off, margin=6.0)(x)
+    edited = oe.SetMargin(g, off, margin=6.0)(x)
     assert torch.allclose(_margin(edited, g, off), torch.full((3,), 6.0, dtype=torch.float64), atol=1e-4)
     step = (edited - x)[:, 0]
     assert torch.allclose(torch.nn.functional.cosine_similarity(step, g).abs(), torch.ones(3), atol=1e-5)  # along g only
     # setting a margin is idempotent, so editing layer after layer does not undo an edit that carried
     # through; mirroring twice gives the original back
-    assert torch.allclose(o.SetMargin(g, off, margin=6.0)(edited), edited, atol=1e-5)
-    mirrored = o.SetMargin(g, off, margin=None)(x)
+    assert torch.allclose(oe.SetMargin(g, off, margin=6.0)(edited), edited, atol=1e-5)
+    mirrored = oe.SetMargin(g, off, margin=None)(x)
     assert torch.allclose(_margin(mirrored, g, off), -_margin(x, g, off), atol=1e-4)
-    assert torch.allclose(o.SetMargin(g, off, margin=None)(mirrored), x, atol=1e-5)
+    assert torch.allclose(oe.SetMargin(g, off, margin=None)(mirrored), x, atol=1e-5)
 
 
 def test_random_control_moves_by_the_real_edit_lengths():
     torch.manual_seed(1)
     g, off, x = torch.randn(4, 8), torch.randn(4), torch.randn(4, 1, 8)
     record: list = []
-    edited = o.SetMargin(g, off, margin=6.0, record=record)(x)
+    edited = oe.SetMargin(g, off, margin=6.0, record=record)(x)
     assert len(record) == 1 and torch.allclose(record[0], (edited - x)[:, 0].norm(dim=-1).double(), atol=1e-5)
     rnd = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    moved = (o.SetMargin(g, off, margin=6.0, random=rnd, length=record[0])(x) - x)[:, 0]
+    moved = (oe.SetMargin(g, off, margin=6.0, random=rnd, length=record[0])(x) - x)[:, 0]
     assert torch.allclose(moved.norm(dim=-1), (edited - x)[:, 0].norm(dim=-1), atol=1e-5)  # same length
     assert torch.allclose(torch.nn.functional.cosine_similarity(moved, rnd), torch.ones(4), atol=1e-5)  # random way
 
@@ -167,13 +168,13 @@ def test_probe_edit_on_the_shipped_model_beats_random_directions():
     model = o.load()
     games = o.random_games(300, seed=7)
     game, pos = o.probe_rows(games, 6, seed=0)
-    layers = o.edit_layers()
+    layers = oe.edit_layers()
     acts = o.residuals(model, games, layers, game, pos)
     rel = o.relative_states(games)[game, pos]
     probes = {l: train_probe(acts[l], rel, groups=game, l2_grid=(1e-2,), max_iter=100, dtype=torch.float32).probe
               for l in layers}
-    cases = o.edit_cases(games, 100, seed=0)
-    out = o.probe_edit(model, games, cases, probes, random_seed=0)
+    cases = oe.edit_cases(games, 100, seed=0)
+    out = oe.probe_edit(model, games, cases, probes, random_seed=0)
     assert set(out["edit_length"]) == set(layers) and all(v > 0 for v in out["edit_length"].values())
     assert out["edited_success"] > out["random_success"] + 0.2
     assert out["edited_success"] > out["clean_success"] + 0.2

@@ -130,18 +130,18 @@ def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[in
                    "disjoint from the scored ones; success = the model's top-k moves are exactly the edited "
                    "board's legal moves")
 def othello_edit(ctx) -> list[Result]:
-    from mechscope.tasks import othello as oth
+    from mechscope.tasks import othello_edit as oe
 
     o = _othello(ctx)
-    layers = oth.edit_layers()
+    layers = oe.edit_layers()
     # scored on the probing games (seed 10_000 + seed); the margin and layers were chosen on games of seed 50_000
-    cases = oth.edit_cases(o["games"], 1000 if ctx.full else 300, seed=ctx.seed)
+    cases = oe.edit_cases(o["games"], 1000 if ctx.full else 300, seed=ctx.seed)
     probes, edit_probe_accuracy = _edit_probes(ctx, o["model"], layers)
-    real = oth.probe_edit(o["model"], o["games"], cases, probes, random_seed=ctx.seed)
-    margins = [1.0, 2.0, 4.0, oth.EDIT_MARGIN, 8.0, 12.0]
-    sweep = {m: real if m == oth.EDIT_MARGIN else
-             oth.probe_edit(o["model"], o["games"], cases, probes, margin=m, random_seed=ctx.seed) for m in margins}
-    mirror = oth.probe_edit(o["model"], o["games"], cases, probes, margin=None)
+    real = oe.probe_edit(o["model"], o["games"], cases, probes, random_seed=ctx.seed)
+    margins = [1.0, 2.0, 4.0, oe.EDIT_MARGIN, 8.0, 12.0]
+    sweep = {m: real if m == oe.EDIT_MARGIN else
+             oe.probe_edit(o["model"], o["games"], cases, probes, margin=m, random_seed=ctx.seed) for m in margins}
+    mirror = oe.probe_edit(o["model"], o["games"], cases, probes, margin=None)
     with ctx.figure("edit_strength", caption="Success of the probe edit against the target margin it sets "
                     "(probe logits), with random directions of the same lengths, the mirroring edit and "
                     "the unedited model; the check's margin is marked") as fig:
@@ -150,13 +150,13 @@ def othello_edit(ctx) -> list[Result]:
         ax.plot(margins, [sweep[m]["random_success"] for m in margins], marker="x", label="random direction")
         ax.axhline(mirror["edited_success"], ls="--", color="green", label="mirror the margin")
         ax.axhline(real["clean_success"], ls=":", color="gray", label="unedited")
-        ax.axvline(oth.EDIT_MARGIN, color="black", lw=0.5)
+        ax.axvline(oe.EDIT_MARGIN, color="black", lw=0.5)
         ax.set_xlabel("target margin (probe logits)")
         ax.axhline(0.8, ls="-.", color="red", lw=0.8, label="threshold")
         ax.set_ylabel("success rate (top-k = edited legal set)")
         ax.legend(fontsize=7)
     # the world model's own accuracy on unedited boards bounds what any edit can reach
-    detail = {"edit_layers": layers, "margin": oth.EDIT_MARGIN, "n_edits": int(len(cases.game)),
+    detail = {"edit_layers": layers, "margin": oe.EDIT_MARGIN, "n_edits": int(len(cases.game)),
               "edit_probe_accuracy": edit_probe_accuracy, **real,
               "mirror": mirror, "sweep": {m: {k: v for k, v in r.items() if k.endswith("success")}
                                           for m, r in sweep.items()},
