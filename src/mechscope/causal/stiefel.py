@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.featurize import FeaturizerError, _Linear
+from mechscope.core.featurize import _Linear, check_subspace_shape
 
 
 def orthonormalize(w: Tensor) -> Tensor:
@@ -32,10 +32,7 @@ class StiefelSubspace(_Linear):
     def __init__(self, d: int, k: int, init: Tensor | None = None, seed: int | None = None,
                  trainable: bool = True) -> None:
         super().__init__()
-        if not 1 <= k <= d:
-            raise FeaturizerError(f"a subspace of an activation of width {d} needs 1 <= k <= {d}, got k={k}")
-        if init is not None and tuple(init.shape) != (d, k):
-            raise FeaturizerError(f"init must have shape [d={d}, k={k}], got {list(init.shape)}")
+        check_subspace_shape(d, k, init)
         self.d, self.n_features = int(d), int(k)
         if init is None:
             w = torch.empty(d, k)

@@ -92,6 +92,14 @@ class _OrthoParam(nn.Module):
         orthogonal(self, "weight")
 
 
+def check_subspace_shape(d: int, k: int, init: Tensor | None) -> None:
+    """A ``k``-dimensional subspace of a ``d``-wide activation, with an optional ``[d, k]`` start."""
+    if not 1 <= k <= d:
+        raise FeaturizerError(f"a subspace of an activation of width {d} needs 1 <= k <= {d}, got k={k}")
+    if init is not None and tuple(init.shape) != (d, k):
+        raise FeaturizerError(f"init must have shape [d={d}, k={k}], got {list(init.shape)}")
+
+
 class Subspace(_Linear):
     """An orthonormal subspace W [d, k] (low-rank DAS). Trainable by default.
 
@@ -101,10 +109,7 @@ class Subspace(_Linear):
 
     def __init__(self, d: int, k: int, init: Tensor | None = None, trainable: bool = True, seed: int | None = None) -> None:
         super().__init__()
-        if not 1 <= k <= d:
-            raise FeaturizerError(f"a subspace of an activation of width {d} needs 1 <= k <= {d}, got k={k}")
-        if init is not None and tuple(init.shape) != (d, k):
-            raise FeaturizerError(f"init must have shape [d={d}, k={k}], got {list(init.shape)}")
+        check_subspace_shape(d, k, init)
         self.d, self.n_features = int(d), int(k)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.param = _OrthoParam(d, k, init, gen)
