@@ -15,6 +15,7 @@ import torch
 from mechscope.bench import Result, check
 
 _OTHELLO_CACHE: dict[tuple[int, bool], dict[str, Any]] = {}
+EDIT_SUCCESS = 0.8  # the issue's threshold for the probe edit (the check and its figure)
 
 
 def _othello(ctx) -> dict[str, Any]:
@@ -103,8 +104,8 @@ def othello_probes(ctx) -> list[Result]:
 
 def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[int, float]]:
     """The relative probes the edit moves along, fitted on 3000 games x 10 positions of their own (seed
-    30_000 + seed; none of them scored): on tuning games these directions flipped 0.80 of 1600 edits,
-    those of the 800 x 6 probing rows 0.79."""
+    30_000 + seed; none of them scored): with the 30k-step world model, on tuning games, these
+    directions flipped 0.80 of 1600 edits, those of the 800 x 6 probing rows 0.79."""
     from mechscope.probe.linear import train_probe
     from mechscope.tasks import othello as oth
 
@@ -117,7 +118,7 @@ def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[in
     return {l: f.probe for l, f in fits.items()}, {l: f.accuracy for l, f in fits.items()}
 
 
-@check("othello", "probe_edit", "success_rate", threshold=(">=", 0.8),
+@check("othello", "probe_edit", "success_rate", threshold=(">=", EDIT_SUCCESS),
        other_metrics={"mean_errors": None},
        baselines={"random_direction": "each layer's displacement of the same length along a random direction",
                   "unedited": "the unedited model judged against the edited board",
@@ -152,7 +153,7 @@ def othello_edit(ctx) -> list[Result]:
         ax.axhline(real["clean_success"], ls=":", color="gray", label="unedited")
         ax.axvline(oe.EDIT_MARGIN, color="black", lw=0.5)
         ax.set_xlabel("target margin (probe logits)")
-        ax.axhline(0.8, ls="-.", color="red", lw=0.8, label="threshold")
+        ax.axhline(EDIT_SUCCESS, ls="-.", color="red", lw=0.8, label="threshold")
         ax.set_ylabel("success rate (top-k = edited legal set)")
         ax.legend(fontsize=7)
     # the world model's own accuracy on unedited boards bounds what any edit can reach

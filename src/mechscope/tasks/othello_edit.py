@@ -68,7 +68,7 @@ def edit_cases(games: Games, n: int, seed: int = 0, min_pos: int = 6, max_pos: i
 
 
 # probe logits of the target class over the source after an edit; chosen with edit_layers() on tuning games
-# (seed 50_000, 400 edits): success 0.74 at margin 4, 0.78 at 6, 0.77 at 8, 0.72 at 10; 0.45 mirroring
+# (seed 50_000, 400 edits, the 30k-step world model; kept for the 45k one): success 0.74 at margin 4, 0.78 at 6, 0.77 at 8, 0.72 at 10; 0.45 mirroring
 EDIT_MARGIN = 6.0
 
 
@@ -113,8 +113,8 @@ class SetMargin:
 
 def edit_layers() -> list[int]:
     """Where the edit goes: every layer from a third of the depth on, 2..5 (Li et al. edit from a middle
-    layer to the last). Chosen with :data:`EDIT_MARGIN` on tuning games (seed 50_000, 400 edits) that the
-    bench never scores: 0.78 there, against 0.74 from layer 3 on and 0.50 from layer 4 on."""
+    layer to the last). Chosen with :data:`EDIT_MARGIN` on tuning games (seed 50_000, 400 edits, the 30k-step
+    world model) that the bench never scores: 0.78 there, against 0.74 from layer 3 on and 0.50 from layer 4 on."""
     return list(range(MODEL.n_layers // 3, MODEL.n_layers))
 
 
