@@ -158,21 +158,26 @@ def ablation_effects(model: nn.Module, dec: Decomposition, path: str, inputs: An
     return out
 
 
+def _evaluation_masks(model: nn.Module, dec: Decomposition, inputs: Any,
+                      seed: int) -> tuple[Tensor, dict[str, dict[str, Tensor | None]]]:
+    """The target's output and the four masks evaluations compare: the importances (``ci``),
+    one stochastic sample of them (seeded), all ones (``unmasked``) and all zeros (``zero``)."""
+    gen = torch.Generator().manual_seed(seed)
+    target, acts = target_pass(model, dec, inputs)
+    g = {p: lower_leaky_hard_sigmoid(dec.importance_logits(p, acts[p], dec.comps(p).inner(acts[p])), dec.cfg.leak)
+         for p in dec.paths}
+    return target, {"ci": g, "stochastic": {p: stochastic_mask(v, dec.cfg.mask, gen) for p, v in g.items()},
+                    "unmasked": {p: None for p in dec.paths}, "zero": {p: torch.zeros_like(v) for p, v in g.items()}}
+
+
 def reconstruction_losses(model: nn.Module, dec: Decomposition, inputs: Any, kind: str | None = None,
                           seed: int = 0) -> dict[str, float]:
     """Output distance to the target with every decomposed layer replaced, under four masks:
     the importances themselves (``ci``), one stochastic sample (``stochastic``), all ones
     (``unmasked``: ``U V``) and all zeros (``zero``). No delta component."""
     kind = kind or dec.cfg.recon
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        target, acts = target_pass(model, dec, inputs)
-        g = {}
-        for path in dec.paths:
-            z = dec.importance_logits(path, acts[path], dec.comps(path).inner(acts[path]))
-            g[path] = lower_leaky_hard_sigmoid(z, dec.cfg.leak)
-        masks = {"ci": g, "stochastic": {p: stochastic_mask(v, dec.cfg.mask, gen) for p, v in g.items()},
-                 "unmasked": {p: None for p in dec.paths}, "zero": {p: torch.zeros_like(v) for p, v in g.items()}}
+        target, masks = _evaluation_masks(model, dec, inputs, seed)
         am = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         return {name: float(reconstruction(kind, masked_forward(model, dec, inputs, m), target, am))
                 for name, m in masks.items()}
@@ -192,13 +197,8 @@ def lm_metrics(model: nn.Module, dec: Decomposition, inputs: dict[str, Tensor], 
     """CE and KL of a language model with its decomposed layers under each mask, and the
     fraction of CE unrecovered ``(CE − CE_target) / (CE_zero − CE_target)`` under CI masks."""
     ids, am = inputs["input_ids"], inputs.get("attention_mask")
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        target, acts = target_pass(model, dec, inputs)
-        g = {p: lower_leaky_hard_sigmoid(dec.importance_logits(p, acts[p], dec.comps(p).inner(acts[p])), dec.cfg.leak)
-             for p in dec.paths}
-        masks = {"ci": g, "stochastic": {p: stochastic_mask(v, dec.cfg.mask, gen) for p, v in g.items()},
-                 "unmasked": {p: None for p in dec.paths}, "zero": {p: torch.zeros_like(v) for p, v in g.items()}}
+        target, masks = _evaluation_masks(model, dec, inputs, seed)
         out = {"ce_target": float(_ce(target, ids, am))}
         for name, m in masks.items():
             logits = masked_forward(model, dec, inputs, m)
