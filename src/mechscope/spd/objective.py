@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.losses import annealed_p, importance_minimality, mean_over_layers, reconstruction
 from mechscope.spd.masks import delta_mask, mask_and_penalised, stochastic_source
-from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass
+from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass_keeping
 
 ALIVE_CI = 0.1  # an importance above this counts the subcomponent as used on that input (CI L0)
 
@@ -36,7 +36,7 @@ class SPDObjective(nn.Module):
 
     def forward(self, inputs: Any, frac: float, generator: torch.Generator | None = None) -> dict[str, Any]:
         dec, cfg = self.dec, self.dec.cfg
-        target, acts = target_pass(dec.model, dec, inputs)
+        target, acts, known = target_pass_keeping(dec.model, dec, inputs, keep=self.batched)
         inner, z = {}, {}
         for path in dec.paths:
             inner[path] = dec.comps(path).inner(acts[path])  # [batch, (pos,) C]
@@ -49,7 +49,7 @@ class SPDObjective(nn.Module):
                   if cfg.faithfulness == "delta" else None for p in dec.paths}
         layerwise = cfg.layerwise_coeff > 0
         if self.batched:
-            outs = batched_masked_passes(dec.model, dec, inputs, acts, inner, masks, deltas, layerwise)
+            outs = batched_masked_passes(dec.model, dec, inputs, acts, inner, masks, deltas, layerwise, known)
         else:
             outs = sequential_masked_passes(dec.model, dec, inputs, masks, deltas, layerwise)
         am = attention_mask_of(inputs)

@@ -1,7 +1,8 @@
-"""The forwards of an SPD step, all through the core's hooks on the unmodified model.
+"""The forwards of an SPD step, on the unmodified model.
 
 - :func:`target_pass`: one no-grad forward of the target that caches the input of every
-  decomposed layer (the "pre-weight activations") and returns the target's output.
+  decomposed layer (the "pre-weight activations") and returns the target's output;
+  :func:`target_pass_keeping` also keeps the outputs the batched passes can reuse.
 - :func:`masked_forward`: a forward in which chosen layers compute with their
   subcomponents under masks (``U (m ⊙ V a) + bias``), the others with the target weights.
 - :func:`batched_masked_passes`: the stochastic forward (all layers masked) *and* the L
@@ -9,26 +10,33 @@
   of the batch. In layerwise copy ``l`` every layer before ``l`` runs the target weights,
   so layer ``l``'s input is the target's: its inner activations ``V a`` are the ones
   already computed for the importance functions; the delta component ``δ (W − UV) a``
-  reuses the module's own output ``W a + b`` instead of a second matmul.
+  reuses the layer's own output ``W a + b`` instead of a second matmul, and that output
+  is the target's wherever the input is (:mod:`.reuse`); the frozen modules before the
+  first decomposed layer do not run at all.
 - :func:`sequential_masked_passes`: the straightforward version (L + 1 separate forwards,
   inner activations and the delta matmul recomputed in every one), kept as the reference
   the batched version is tested and benchmarked against.
 
-Every pass replaces a layer's output through an output-site intervention that reads the
-module's input from the hook call (``HookCall.args``).
+``masked_forward`` replaces a layer's output through an output-site intervention that
+reads the module's input from the hook call (``HookCall.args``). The batched passes
+*substitute* the layers instead (:mod:`mechscope.core.substitute`): a hook would let each
+layer compute ``W a + b`` on every copy first, most of it thrown away.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from mechscope.core.run import HookCall, run
+from mechscope.core.run import HookCall, call_model, run
 from mechscope.core.site import Site
+from mechscope.core.substitute import substituting
 from mechscope.spd.components import SPDError
 from mechscope.spd.decomposition import Decomposition
+from mechscope.spd.reuse import drop_prefix, mark_prefix_checked, prefix_checked, reuse_plan
 
 
 def model_output(out: Any) -> Tensor:
@@ -80,12 +88,24 @@ def check_finite_output(y: Tensor, what: str = "the target model's output") -> N
 
 def target_pass(model: torch.nn.Module, dec: Decomposition, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """Target output and the input of every decomposed layer, with no gradient."""
+    y, acts, _ = target_pass_keeping(model, dec, inputs, keep=False)
+    return y, acts
+
+
+def target_pass_keeping(model: torch.nn.Module, dec: Decomposition, inputs: Any, keep: bool = True,
+                        ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`target_pass`, also keeping (``keep``) the outputs the batched passes can reuse:
+    every decomposed layer's and every frozen-prefix module's (:mod:`.reuse`)."""
     sites = {path: Site(path, io="input") for path in dec.paths}
+    outs = {}
+    if keep:
+        plan = reuse_plan(model, dec.paths, inputs, batch_size_of(inputs), dec)
+        outs = {path: Site(path) for path in (*dec.paths, *plan.prefix)}
     with torch.no_grad():
-        out, acts = run(model, inputs, cache=list(sites.values()), check_finite=False)
+        out, acts = run(model, inputs, cache=[*sites.values(), *outs.values()], check_finite=False)
     y = model_output(out)
     check_finite_output(y)
-    return y, {path: acts[site] for path, site in sites.items()}
+    return y, {path: acts[site] for path, site in sites.items()}, {path: acts[site] for path, site in outs.items()}
 
 
 class _Replace:
@@ -129,56 +149,93 @@ def sequential_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs:
     return outs
 
 
-class _Batched:
-    """Output intervention of the batched passes at one layer, for ``n`` stacked copies of ``b`` rows.
+class _BatchedLayer:
+    """Substitute for one decomposed layer in the batched passes: ``n`` stacked copies of ``b`` rows.
 
-    Copy 0 (stochastic): the subcomponents on this copy's own input; its inner activations
-    are the target's ones when the input is the target's (a layer no replaced layer feeds).
-    Copy ``l + 1`` (this layer's layerwise copy): its input is the target's, so its inner
-    activations are the ones already computed. The delta component uses the module's own
-    output ``W a + b`` on the same rows. Other copies keep the module's output.
+    Copy 0 (stochastic) and this layer's own layerwise copy compute with the masked
+    subcomponents; the other copies keep ``W a + b``. Where a copy's input is still the
+    target's (``unchanged``), ``V a`` is the inner activation already computed and
+    ``W a + b`` the target's own output (``known``), so neither is recomputed; the module
+    itself runs only on the rows of kept (or delta) copies whose input has changed.
     """
 
-    def __init__(self, dec: Decomposition, path: str, l: int | None, b: int, act: Tensor, inner: Tensor,
-                 mask: Tensor, delta: Tensor | None) -> None:
-        self.dec, self.path, self.l, self.b, self.act, self.inner = dec, path, l, b, act, inner
-        self.mask, self.delta, self.calls = mask, delta, 0
+    def __init__(self, dec: Decomposition, path: str, own: int | None, b: int, unchanged: list[bool],
+                 inner: Tensor, known: Tensor | None, mask: Tensor, delta: Tensor | None) -> None:
+        self.dec, self.path, self.own, self.b, self.unchanged = dec, path, own, b, unchanged
+        self.inner, self.known, self.mask, self.delta, self.calls = inner, known, mask, delta, 0
 
-    def __call__(self, view: Tensor, call: HookCall) -> Tensor:
+    def __call__(self, original: Any, a: Tensor, *rest: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
         if self.calls > 1:
             raise SPDError(f"module {self.path!r} ran more than once in one forward; SPD decomposes a layer "
                            "that is used once per forward (decompose each use as its own module)")
-        dec, b, total = self.dec, self.b, view.shape[0]
+        if rest or kwargs or not isinstance(a, Tensor):
+            raise SPDError(f"module {self.path!r} was not called with its input as its only argument")
+        dec, outs = self.dec, []
         # split (not slicing): its backward is one concatenation, where every slice of a
         # large activation would allocate and zero a full-size gradient
-        a0 = call.args[0].split([b, total - b])[0]
-        same = not a0.requires_grad and a0.shape == self.act.shape and torch.equal(a0, self.act)
-        h0 = self.inner if same else dec.comps(self.path).inner(a0)
-        if self.l is None:
-            first, rest = view.split([b, total - b])
-            return torch.cat([dec.layer_output_from_target(self.path, h0, self.mask, self.delta, first), rest])
-        lo, hi = (self.l + 1) * b, (self.l + 2) * b
-        first, before, own, after = view.split([b, lo - b, b, total - hi])
-        new = dec.layer_output_from_target(self.path, h0, self.mask, self.delta, first)
-        mine = dec.layer_output_from_target(self.path, self.inner, self.mask, self.delta, own)
-        return torch.cat([new, before, mine, after]).to(view.dtype)
+        for c, piece in enumerate(a.split(self.b)):
+            same = self.unchanged[c]
+            target_out = (lambda: self.known if same and self.known is not None else original(piece))  # noqa: E731
+            if c == 0 or c == self.own:
+                h = self.inner if same else dec.comps(self.path).inner(piece)
+                if self.delta is None:
+                    outs.append(dec.layer_output(self.path, piece, self.mask, None, inner=h))
+                else:
+                    outs.append(dec.layer_output_from_target(self.path, h, self.mask, self.delta, target_out()))
+            else:
+                outs.append(target_out())
+        return torch.cat(outs).to(dec.target_weight(self.path).dtype)
+
+
+def _repeated(out: Tensor, n: int) -> Any:
+    return lambda original, *args, **kwargs: out.repeat(n, *([1] * (out.dim() - 1)))
 
 
 def batched_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: Any, acts: Mapping[str, Tensor],
                           inner: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                          deltas: Mapping[str, Tensor | None], layerwise: bool = True) -> list[Tensor]:
+                          deltas: Mapping[str, Tensor | None], layerwise: bool = True,
+                          known: Mapping[str, Tensor] | None = None) -> list[Tensor]:
     """The same outputs as :func:`sequential_masked_passes`, from one forward of stacked copies.
 
     Copy 0 is the stochastic forward; copy ``l + 1`` is layer ``l``'s layerwise forward.
     The target's layer inputs ``acts`` and inner activations ``inner`` are reused wherever a
-    copy's input at a layer is the target's, so ``V a`` is never recomputed there.
+    copy's input at a layer is the target's, so ``V a`` is never recomputed there; with
+    ``known`` (from :func:`target_pass` ``(keep=True)``) the frozen prefix and the layers'
+    own outputs on unchanged rows are taken from the target forward too (:mod:`.reuse`).
     """
     b = batch_size_of(inputs)
     n = 1 + (len(dec.paths) if layerwise else 0)
-    plan = [(Site(path), _Batched(dec, path, l if layerwise else None, b, acts[path], inner[path], masks[path],
-                                  deltas.get(path)))
-            for l, path in enumerate(dec.paths)]
-    out, _ = run(model, repeat_inputs(inputs, n), plan, check_finite=False)
-    y = model_output(out)
-    return list(y.split(b))
+    plan = reuse_plan(model, dec.paths, inputs, b, dec)
+
+    def forward(prefix: tuple[str, ...]) -> Tensor:
+        subs: dict[str, Any] = {p: _repeated(known[p], n) for p in prefix}
+        for l, path in enumerate(dec.paths):
+            subs[path] = _BatchedLayer(dec, path, l + 1 if layerwise else None, b,
+                                       plan.unchanged(path, dec.paths, layerwise), inner[path],
+                                       None if known is None else known.get(path), masks[path], deltas.get(path))
+        with substituting(model, subs):
+            return model_output(call_model(model, repeat_inputs(inputs, n)))
+
+    prefix = plan.prefix if known is not None and all(p in known for p in plan.prefix) else ()
+    if prefix and not prefix_checked(dec):
+        prefix = _checked(dec, prefix, forward)
+    return list(forward(prefix).split(b))
+
+
+def _checked(dec: Decomposition, prefix: tuple[str, ...], forward: Any) -> tuple[str, ...]:
+    """First use: outputs with the prefix taken from the target forward must match a full forward's."""
+    with torch.no_grad():
+        want = forward(())
+        try:
+            got = forward(prefix)
+            ok = got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
+        except Exception:  # noqa: BLE001 - any failure means the prefix is not what the probe took it for
+            ok = False
+    if ok:
+        mark_prefix_checked(dec)
+        return prefix
+    drop_prefix(dec)
+    warnings.warn(f"SPD: taking {list(prefix)} from the target forward did not reproduce the model's output; "
+                  "the batched passes run them in every step instead", RuntimeWarning, stacklevel=3)
+    return ()

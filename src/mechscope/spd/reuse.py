@@ -1,0 +1,121 @@
+"""What the batched masked passes may take from the target's forward instead of recomputing.
+
+The masked copies of a batch run the same frozen, deterministic model on the same
+inputs as the target forward, so wherever a copy's input to a module is still the
+target's, the module's output is the target's too:
+
+- **the frozen prefix**: modules that finish before the first decomposed layer starts
+  see the target's input in every copy (an embedding, the blocks before the first
+  decomposed block). Their output is taken from the target forward and repeated over
+  the copies; they do not run.
+- **decomposed layers on unchanged rows**: in a copy where no replaced layer has run
+  yet, a decomposed layer's ``W a + b`` is the target's (used by kept copies and by the
+  delta component), and ``V a`` is the inner activation already computed.
+
+Both rest on the execution order of the modules, recorded once per decomposition by a
+probe forward (:func:`reuse_plan`); the first batched pass that skips the prefix is checked
+once against a full forward, and a mismatch (an output the probe misread as per-example)
+turns the skipping off with a warning. A module that runs more than once per forward is
+never part of the prefix (its later calls see other inputs), and a model with a module
+in training mode (dropout) gets no prefix at all.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.core.run import call_model
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, ReusePlan]" = weakref.WeakKeyDictionary()
+_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # decompositions whose prefix was verified once
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    rank: dict[str, int]  # decomposed path -> position of its first call among all module calls
+    prefix: tuple[str, ...]  # frozen modules (tensor output, one call) done before any decomposed layer starts
+
+    def unchanged(self, path: str, paths: tuple[str, ...], layerwise: bool) -> list[bool]:
+        """Per stacked copy: is ``path``'s input still the target's (no replaced layer ran before it)?
+
+        Copy 0 replaces every layer, copy ``l + 1`` only ``paths[l]``.
+        """
+        mine = self.rank[path]
+        flags = [mine == min(self.rank.values())]
+        if layerwise:
+            flags += [self.rank[p] >= mine for p in paths]
+        return flags
+
+
+def reuse_plan(model: nn.Module, paths: tuple[str, ...], inputs: Any, rows: int, key: nn.Module) -> ReusePlan:
+    """The plan for ``paths`` of ``model`` on batches of ``rows`` examples (cached on ``key``,
+    the decomposition), probing once."""
+    plan = _PLANS.get(key)
+    if plan is None or set(plan.rank) != set(paths):
+        plan = _probe(model, paths, inputs, rows)
+        _PLANS[key] = plan
+        _CHECKED.discard(key)
+    return plan
+
+
+def drop_prefix(key: nn.Module) -> None:
+    """Stop skipping the prefix for ``key`` (its outputs did not reproduce the full forward)."""
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS[key] = ReusePlan(plan.rank, ())
+    _CHECKED.add(key)
+
+
+def prefix_checked(key: nn.Module) -> bool:
+    return key in _CHECKED
+
+
+def mark_prefix_checked(key: nn.Module) -> None:
+    _CHECKED.add(key)
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, paths: tuple[str, ...], inputs: Any, rows: int) -> ReusePlan:
+    events: list[tuple[str, str, Any]] = []  # (start|end, path, output)
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: events.append(("start", name, None))))
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: events.append(("end", name, out))))
+    try:
+        call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    starts = [i for i, (kind, name, _) in enumerate(events) if kind == "start" and name in paths]
+    rank = {}
+    for i in starts:
+        rank.setdefault(events[i][1], i)
+    missing = [p for p in paths if p not in rank]
+    if missing:
+        from mechscope.spd.components import SPDError
+
+        raise SPDError(f"decomposed module(s) {missing} never ran in the model's forward; decompose modules "
+                       "that model.forward uses")
+    return ReusePlan(rank, _prefix(model, events, min(starts), rows))
+
+
+def _prefix(model: nn.Module, events: list[tuple[str, str, Any]], first: int, rows: int) -> tuple[str, ...]:
+    if any(m.training for m in model.modules()):
+        return ()
+    calls: dict[str, int] = {}
+    for kind, name, _ in events:
+        if kind == "start":
+            calls[name] = calls.get(name, 0) + 1
+    done = [name for kind, name, out in events[:first]
+            if kind == "end" and calls[name] == 1 and isinstance(out, Tensor) and out.dim() and out.shape[0] == rows]
+    chosen = set(done)
+    # the outermost ones: a module inside a chosen one does not run anyway
+    return tuple(n for n in done if not any(n.startswith(p + ".") for p in chosen))
