@@ -18,6 +18,11 @@ once against a full forward, and a mismatch (an output the probe misread as per-
 turns the skipping off with a warning. A module that runs more than once per forward is
 never part of the prefix (its later calls see other inputs), and a model with a module
 in training mode (dropout) gets no prefix at all.
+
+Cost: the target forward keeps one copy of every prefix module's output (the outermost
+ones: for a transformer decomposed in block k, the embedding and blocks 0..k-1), and the
+batched forward repeats each over the copies -- the memory of one no-grad forward, for a
+forward of the prefix saved in every copy.
 """
 
 from __future__ import annotations
