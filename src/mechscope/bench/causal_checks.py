@@ -19,8 +19,12 @@ seeds 0..9 of the recipe give a converged IIA (worst of WX, YZ, both) of 0.93, 0
 both orthogonalisations and 60k examples x 70 epochs leave the shipped seed-0 network at
 0.93. The networks separable enough for DAS >= 0.95 (recipe seed 8: 0.95-0.96; seed 0 with a
 normal(0, 0.02) initialisation: 0.95-0.97) are also neuron-aligned: the neuron search reaches
-0.93-0.95 on them, where the check wants <= 0.80. In the price-tagging transformer the last position never holds L apart from the
-answer: at the final block Boundless DAS finds the answer O itself (the network then says
+0.93-0.95 on them, where the check wants <= 0.80. Training on a finite set of K entities
+(as in the pyvene tutorial) and testing on fresh ones lowers DAS: K = 20 / 100 / 1000 give
+0.69 / 0.85 / 0.90 (neurons 0.62 / 0.70 / 0.83); 10 epochs instead of 3 give 0.937-0.949
+at seed 0 and 0.76 at seed 1.
+
+In the price-tagging transformer the last position never holds L apart from the answer: at the final block Boundless DAS finds the answer O itself (the network then says
 the source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
 no, 0.55 for the reverse), and after block 0 the last position holds no L (IIA ~0.54).
 Neither longer training of the alignment (20k examples x 20 epochs: 0.80; fixed-size DAS with
