@@ -24,8 +24,9 @@ normal(0, 0.02) initialisation: 0.95-0.97) are also neuron-aligned: the neuron s
 0.69 / 0.85 / 0.90 (neurons 0.62 / 0.70 / 0.83); 10 epochs instead of 3 give 0.937-0.949
 at seed 0 and 0.76 at seed 1.
 
-In the price-tagging transformer the last position never holds L apart from the answer: at the final block Boundless DAS finds the answer O itself (the network then says
-the source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
+In the price-tagging transformer the last position never holds L apart from the answer:
+at the final block Boundless DAS finds the answer O itself (the network then says the
+source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
 no, 0.55 for the reverse), and after block 0 the last position holds no L (IIA ~0.54).
 Neither longer training of the alignment (20k examples x 20 epochs: 0.80; fixed-size DAS with
 1, 4 or 16 dimensions: 0.76-0.77) nor other networks, trained and searched once each and not
