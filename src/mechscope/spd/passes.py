@@ -36,7 +36,7 @@ from mechscope.core.site import Site
 from mechscope.core.substitute import substituting
 from mechscope.spd.components import SPDError
 from mechscope.spd.decomposition import Decomposition
-from mechscope.spd.reuse import drop_prefix, mark_prefix_checked, prefix_checked, reuse_plan
+from mechscope.spd.reuse import reuse_plan, settle_prefix
 
 
 def model_output(out: Any) -> Tensor:
@@ -176,16 +176,20 @@ class _BatchedLayer:
         # large activation would allocate and zero a full-size gradient
         for c, piece in enumerate(a.split(self.b)):
             same = self.unchanged[c]
-            target_out = (lambda: self.known if same and self.known is not None else original(piece))  # noqa: E731
             if c == 0 or c == self.own:
                 h = self.inner if same else dec.comps(self.path).inner(piece)
                 if self.delta is None:
                     outs.append(dec.layer_output(self.path, piece, self.mask, None, inner=h))
                 else:
-                    outs.append(dec.layer_output_from_target(self.path, h, self.mask, self.delta, target_out()))
+                    own = self._module_output(original, piece, same)
+                    outs.append(dec.layer_output_from_target(self.path, h, self.mask, self.delta, own))
             else:
-                outs.append(target_out())
+                outs.append(self._module_output(original, piece, same))
         return torch.cat(outs).to(dec.target_weight(self.path).dtype)
+
+    def _module_output(self, original: Any, piece: Tensor, same: bool) -> Tensor:
+        """``W a + b`` on one copy: the target's when the copy's input is, else computed."""
+        return self.known if same and self.known is not None else original(piece)
 
 
 def _repeated(out: Tensor, n: int) -> Any:
@@ -218,7 +222,7 @@ def batched_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: An
             return model_output(call_model(model, repeat_inputs(inputs, n)))
 
     prefix = plan.prefix if known is not None and all(p in known for p in plan.prefix) else ()
-    if prefix and not prefix_checked(dec):
+    if prefix and not plan.checked:
         prefix = _checked(dec, prefix, forward)
     return list(forward(prefix).split(b))
 
@@ -232,10 +236,9 @@ def _checked(dec: Decomposition, prefix: tuple[str, ...], forward: Any) -> tuple
             ok = got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
         except Exception:  # noqa: BLE001 - any failure means the prefix is not what the probe took it for
             ok = False
+    settle_prefix(dec, ok)
     if ok:
-        mark_prefix_checked(dec)
         return prefix
-    drop_prefix(dec)
     warnings.warn(f"SPD: taking {list(prefix)} from the target forward did not reproduce the model's output; "
                   "the batched passes run them in every step instead", RuntimeWarning, stacklevel=3)
     return ()

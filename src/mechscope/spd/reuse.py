@@ -35,15 +35,16 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.run import call_model
+from mechscope.spd.components import SPDError
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, ReusePlan]" = weakref.WeakKeyDictionary()
-_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # decompositions whose prefix was verified once
 
 
 @dataclass(frozen=True)
 class ReusePlan:
     rank: dict[str, int]  # decomposed path -> position of its first call among all module calls
     prefix: tuple[str, ...]  # frozen modules (tensor output, one call) done before any decomposed layer starts
+    checked: bool = False  # the prefix has been checked once against a full forward
 
     def unchanged(self, path: str, paths: tuple[str, ...], layerwise: bool) -> list[bool]:
         """Per stacked copy: is ``path``'s input still the target's (no replaced layer ran before it)?
@@ -61,27 +62,17 @@ def reuse_plan(model: nn.Module, paths: tuple[str, ...], inputs: Any, rows: int,
     """The plan for ``paths`` of ``model`` on batches of ``rows`` examples (cached on ``key``,
     the decomposition), probing once."""
     plan = _PLANS.get(key)
-    if plan is None or set(plan.rank) != set(paths):
-        plan = _probe(model, paths, inputs, rows)
-        _PLANS[key] = plan
-        _CHECKED.discard(key)
+    if plan is None:
+        plan = _PLANS[key] = _probe(model, paths, inputs, rows)
     return plan
 
 
-def drop_prefix(key: nn.Module) -> None:
-    """Stop skipping the prefix for ``key`` (its outputs did not reproduce the full forward)."""
-    plan = _PLANS.get(key)
-    if plan is not None:
-        _PLANS[key] = ReusePlan(plan.rank, ())
-    _CHECKED.add(key)
-
-
-def prefix_checked(key: nn.Module) -> bool:
-    return key in _CHECKED
-
-
-def mark_prefix_checked(key: nn.Module) -> None:
-    _CHECKED.add(key)
+def settle_prefix(key: nn.Module, reproduces: bool) -> ReusePlan:
+    """Record the one check of ``key``'s prefix; a prefix that did not reproduce the full
+    forward is dropped (its modules run in every copy from then on)."""
+    plan = _PLANS[key]
+    plan = _PLANS[key] = ReusePlan(plan.rank, plan.prefix if reproduces else (), checked=True)
+    return plan
 
 
 @torch.no_grad()
@@ -105,8 +96,6 @@ def _probe(model: nn.Module, paths: tuple[str, ...], inputs: Any, rows: int) -> 
         rank.setdefault(events[i][1], i)
     missing = [p for p in paths if p not in rank]
     if missing:
-        from mechscope.spd.components import SPDError
-
         raise SPDError(f"decomposed module(s) {missing} never ran in the model's forward; decompose modules "
                        "that model.forward uses")
     return ReusePlan(rank, _prefix(model, events, min(starts), rows))
