@@ -9,7 +9,9 @@
    network after it) against full forwards of the whole model for the base and for
    every source in every step (as pyvene does). Both must end at the same basis.
    Target: >= 10x. Also shown, for information: full forwards whose sources stop at
-   the site, and each step's cost in plain forward + backward passes of the MLP.
+   the site, each step's cost in plain forward + backward passes of the MLP, and the
+   *ceiling* of the ratio: what any implementation of the tail could reach against
+   these full forwards if its DAS cost nothing (see :func:`ratio_ceiling`).
 
 For scale (quoted from the issue, not measured here): pyvene 0.1.8 runs this DAS at about
 41 steps/s on a machine like this one (one thread), 11x the cost of a plain forward and
@@ -103,7 +105,48 @@ def steps_per_second(quick: bool) -> bool:
           f"(ratio {ratio_stop:.2f}x); a plain forward + backward of the MLP {plain * 1e3:.2f} ms "
           f"(a tail step costs {t['tail'] / plain:.1f}x that, a full-forward step {t['full'] / plain:.1f}x); "
           f"pyvene 0.1.8 (quoted): ~41 steps/s, 11x a plain forward + backward")
+    ceiling, p, e = ratio_ceiling(model, train, repeats=7 if quick else 15)
+    print(f"  ceiling of the ratio for any tail implementation: {ceiling:.2f}x = (P + E) / P, with P "
+          f"{p * 1e3:.2f} ms the plain forward + backward of the layers after the site and E {e * 1e3:.2f} ms "
+          f"plain forwards of the whole MLP on the base and the {len(train.variables)} sources (all a "
+          f"full-forward step computes beyond a tail step){'' if ceiling >= RATIO_TARGET else '; the 10x target is out of reach here'}")
     return ok
+
+
+def ratio_ceiling(model, train, repeats: int) -> tuple[float, float, float]:
+    """(ceiling, P, E): the best ratio a tail engine could show against full forwards.
+
+    A tail step must at least run the network after the site forward and backward on the
+    batch (``P``: plain, hook-free, no rotation, no optimiser). The full-forward step does
+    that too, plus what the tail has precomputed (``E``: bounded above by plain forwards
+    of the whole model on the base and on each source). So no tail implementation can be
+    faster than ``(P + E) / P`` times the full forwards -- and ours also pays for the
+    rotations, the interchange and the optimiser, which the full forwards pay too.
+    """
+    import torch.nn.functional as F
+
+    idx = torch.arange(BATCH)
+    base = train.base[idx]
+    sources = [train.sources[v][idx] for v in train.variables]
+    labels = train.labels[idx]
+    with frozen(model), torch.no_grad():
+        h0 = model.acts[0](model.layers[0](base))  # the site: hidden layer 0 after its ReLU
+
+    def after_site() -> None:  # layers 1.. and the readout, forward and backward (input gradient only)
+        h = h0.clone().requires_grad_(True)
+        x = h
+        for layer, act in zip(model.layers[1:], model.acts[1:]):
+            x = act(layer(x))
+        F.cross_entropy(model.readout(x), labels).backward()
+
+    def precomputed() -> None:
+        with torch.no_grad():
+            for x in (base, *sources):
+                model(x)
+
+    with frozen(model):
+        t = interleaved({"P": after_site, "E": precomputed}, repeats=repeats, inner=5)
+    return (t["P"] + t["E"]) / t["P"], t["P"], t["E"]
 
 
 def main() -> int:

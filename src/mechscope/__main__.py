@@ -1,5 +1,5 @@
 """``python -m mechscope`` is the ``mechscope`` command."""
 
-from mechscope.cli import main
+from mechscope.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

@@ -39,6 +39,17 @@ def test_losses_read_the_right_positions():
     assert induction.induction_metric(perfect, toks, L).item() > 1e3
 
 
+def test_position_only_guess_is_ln_of_the_candidate_count_when_tokens_are_distinct():
+    L = 20
+    r = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:L] + 1  # 20 distinct tokens
+    toks = torch.cat([torch.tensor([induction.BOS]), r, r])[None]
+    # every prediction of the repeat has 11 candidates (P = 10..20), one of them right
+    assert induction.position_only_loss(toks, L) == pytest.approx(math.log(11), abs=1e-6)
+    twice = torch.cat([torch.tensor([induction.BOS]), r[:10], r[:10], r[:10], r[:10]])[None]  # period 10
+    # candidates at P = 10 and P = 20 both hold the right token: 2 of 11
+    assert induction.position_only_loss(twice, L) == pytest.approx(math.log(11 / 2), abs=1e-6)
+
+
 def test_shipped_models():
     two, cfg = induction.load(n_layers=2)
     one, _ = induction.load(n_layers=1)

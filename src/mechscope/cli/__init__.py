@@ -83,3 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mechscope {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def console() -> int:
+    """The installed ``mechscope`` command: :func:`main` in a process that keeps freed memory
+    for reuse (:mod:`mechscope.core.alloc`; a process-wide setting, so not part of ``main``,
+    which tests and scripts call in their own processes)."""
+    from mechscope.core.alloc import retain_freed_memory
+
+    retain_freed_memory()
+    return main()
