@@ -57,7 +57,7 @@ def whole_fit(quick: bool) -> bool:
     print(f"whole DAS fit (data + precompute + {fit.steps} steps, {len(train)} examples): {seconds:.1f} s, "
           f"peak RSS {peak_rss_mb():.0f} MB ({peak_rss_mb() - before:+.0f} MB over the process before), "
           f"{fit.steps_per_second:.0f} steps/s at batch {FitConfig().batch_size}")
-    print(f"  IIA on unseen vectors: " + ", ".join(f"{w} {v:.3f}" for w, v in scores.items()) +
+    print("  IIA on unseen vectors: " + ", ".join(f"{w} {v:.3f}" for w, v in scores.items()) +
           f" (target: every one >= {IIA_TARGET} in < {FIT_SECONDS:.0f} s) {verdict(ok)}"
           + ("" if reached else "  [IIA target not reached: the time is for the default fit]"))
     return ok
