@@ -37,7 +37,10 @@ that one MLP cannot compute O in one step) puts L at the last position for some 
 d_mlp 16 at seeds 0-3 gives 0.93 / 0.93 / 0.60 / 0.76 after block 0 (random subspace of the
 learnt size 0.60 / 0.58 / 0.51 / 0.61; seed 2 holds L at Z instead, 0.81), d_mlp 32 0.58,
 d_mlp 8 0.54 / 0.70 (seeds 0-1). Two seeds in four is not a network property, so the
-shipped network stays the d_mlp 256 one.
+shipped network stays the d_mlp 256 one. The residual stream between a block's attention
+and its MLP (probed once through an inserted identity, same fit) holds L no better: at the
+last position 0.53 after block 0's attention and 0.85 after block 1's (32 dimensions;
+random subspace 0.67), at Z 0.74 after block 0's.
 """
 
 from __future__ import annotations
