@@ -105,36 +105,46 @@ def _phases(s: dict[str, Any], repeats: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def _in_fresh_process(body: str) -> list[str]:
+    """Run ``body`` in a fresh one-thread interpreter that has imported this file as ``b``;
+    the words of the last line it prints."""
+    code = f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks'); import bench_spd as b; {body}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1].split()
+
+
 def peak_memory_mib(name: str, batched: bool, fused: bool, steps: int) -> tuple[float, float]:
     """Resident memory of a fresh process after setting up one contender and one step (which
     finishes the lazy imports: the first optimizer step alone imports ~75 MiB of torch), and
     the peak during ``steps`` more steps (Linux: the high-water mark is reset in between, so
     that the import-time peak does not hide the training peak)."""
-    code = (
-        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks');"
-        "import bench_spd as b;"
+    before, after = _in_fresh_process(
         "kib = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key));"
         f"s = b._setup({name!r}, {batched}, {fused}); b._step(s); before = kib('VmRSS') / 1024;"
         "open('/proc/self/clear_refs', 'w').write('5');"
         f"[b._step(s) for _ in range({steps})];"
         "print(before, kib('VmHWM') / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after = out.stdout.strip().splitlines()[-1].split()
     return float(before), float(after)
+
+
+def median_rate(s: dict[str, Any], steps: int, warmup: int = 3) -> float:
+    """Steps per second of one contender: the median of ``steps`` timed steps."""
+    for _ in range(warmup):
+        _step(s)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _step(s)
+        times.append(time.perf_counter() - t0)
+    return 1.0 / sorted(times)[len(times) // 2]
 
 
 def rate_keeping_memory(name: str, steps: int) -> float:
     """Steps per second of ``ours`` in a fresh process that keeps freed memory, as the
-    ``mechscope`` command runs (:mod:`mechscope.core.alloc`): median of ``steps`` timed steps."""
-    code = (
-        "import sys, time, statistics, torch; torch.set_num_threads(1); sys.path.insert(0, 'benchmarks');"
-        "from mechscope.core.alloc import retain_freed_memory; retain_freed_memory();"
-        f"import bench_spd as b; s = b._setup({name!r}, True, True); [b._step(s) for _ in range(3)];"
-        "ts = [];"
-        f"exec('for _ in range({steps}):\\n t = time.perf_counter(); b._step(s); ts.append(time.perf_counter() - t)');"
-        "print(1 / statistics.median(ts))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    ``mechscope`` command runs (:mod:`mechscope.core.alloc`)."""
+    (rate,) = _in_fresh_process("from mechscope.core.alloc import retain_freed_memory; retain_freed_memory();"
+                                f"print(b.median_rate(b._setup({name!r}, True, True), {steps}))")
+    return float(rate)
 
 
 def cpu_medians(setups: dict[str, dict[str, Any]], repeats: int) -> dict[str, float]:

@@ -235,3 +235,20 @@ def test_check_module_that_fails_to_import_is_a_failed_row(tmp_path, monkeypatch
     assert exit_status(board) == 1
     with pytest.raises(SelectionError, match="no_such_checks failed to import"):
         run_bench(cfg.replace(only=("gamma",)), stream=io.StringIO())
+
+
+def test_world_model_loads_the_shipped_model_or_retrains_at_the_runs_seed(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from mechscope.bench.context import CheckContext
+
+    calls = []
+    world = SimpleNamespace(load=lambda: "shipped", Recipe=lambda seed: ("recipe", seed),
+                            train=lambda recipe: calls.append(recipe) or "retrained")
+
+    def ctx(full):
+        return CheckContext(task="t", method="m", seed=7, full=full, device="cpu", out_dir=tmp_path,
+                            log=logging.getLogger("test-world-model"))
+    assert ctx(False).world_model(world, "a toy") == "shipped" and calls == []
+    assert ctx(True).world_model(world, "a toy") == "retrained" and calls == [("recipe", 7)]

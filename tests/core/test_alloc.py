@@ -26,9 +26,11 @@ def test_glibc_accepts_the_settings():
     assert _child("alloc.retain_freed_memory()") == "True"
 
 
-def test_the_settings_are_the_documented_ones_and_nothing_is_set_on_import():
-    assert alloc.SETTINGS == {alloc.M_MMAP_THRESHOLD: 32 * 2**20, alloc.M_TRIM_THRESHOLD: 2**31 - 1,
-                              alloc.M_TOP_PAD: 256 * 2**20}
+def test_the_command_sets_it_and_main_does_not(monkeypatch):
     import mechscope.cli as cli
 
-    assert cli.console is not cli.main  # the command sets it; main(), called in-process, does not
+    calls = []
+    monkeypatch.setattr(alloc, "retain_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["--version"]) == 0 and calls == []  # tests and scripts call main in-process
+    monkeypatch.setattr(sys, "argv", ["mechscope", "--version"])
+    assert cli.console() == 0 and calls == [1]

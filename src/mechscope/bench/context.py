@@ -61,6 +61,14 @@ class CheckContext:
     def can_plot(self) -> bool:
         return _fig.matplotlib_available()
 
+    def world_model(self, world: Any, what: str) -> Any:
+        """A built-in world's model: the shipped checkpoint (``world.load()``), or under
+        ``--full`` one retrained by its recipe at the run's seed (``world.train(world.Recipe(seed))``)."""
+        if self.full:
+            self.log.info(f"--full: retraining {what} from its recipe")
+            return world.train(world.Recipe(seed=self.seed))
+        return world.load()
+
     @contextmanager
     def figure(self, name: str, caption: str = "", **figure_kwargs: Any) -> Iterator[Any]:
         """Draw into a new matplotlib Figure; it is saved and attached when the block ends.

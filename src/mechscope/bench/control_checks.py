@@ -160,10 +160,7 @@ def planted_mdl(ctx) -> Result:
 def _steering_model(ctx) -> Any:
     from mechscope.tasks import steering_toy as st
 
-    if ctx.full:
-        ctx.log.info("--full: retraining the steering toy from its recipe")
-        return st.train(st.Recipe(seed=ctx.seed))
-    return st.load()
+    return ctx.world_model(st, "the steering toy")
 
 
 def _toy_setup(ctx) -> dict[str, Any]:
@@ -352,11 +349,7 @@ def _comparison(ctx) -> list[Any]:
     from mechscope.steer.finetune import TrainRecipe
     from mechscope.tasks import instructions as ins
 
-    if ctx.full:
-        ctx.log.info("--full: retraining the instruction model from its recipe")
-        model = ins.train(ins.Recipe(seed=ctx.seed))
-    else:
-        model = ins.load()
+    model = ctx.world_model(ins, "the instruction model")
     n_train, n_test = (2000, 1000) if ctx.full else (1000, 300)
     task = ins.comparison_task(n_train, n_test, n_test, seed=ctx.seed)
     sites = [Site(f"blocks.{l}", io="input") for l in range(ins.MODEL.n_layers)]  # resid_pre of every block

@@ -26,11 +26,7 @@ def _othello(ctx) -> dict[str, Any]:
     from mechscope.probe.linear import train_probe
     from mechscope.tasks import othello as oth
 
-    if ctx.full:
-        ctx.log.info("--full: retraining the Othello world model from its recipe")
-        model = oth.train(oth.Recipe(seed=ctx.seed))
-    else:
-        model = oth.load()
+    model = ctx.world_model(oth, "the Othello world model")
     n_games, per_game = (3000, 10) if ctx.full else (800, 6)
     grid = (1e-1, 1e-2, 1e-3, 1e-4) if ctx.full else (1e-2, 1e-3)
     games = oth.random_games(n_games, seed=10_000 + ctx.seed)

@@ -37,4 +37,5 @@ def retain_freed_memory(settings: dict[int, int] | None = None) -> bool:
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # a list, not a generator: every value is set even after one is refused
     return all([mallopt(param, value) == 1 for param, value in (settings or SETTINGS).items()])
