@@ -12,12 +12,12 @@ def _seed():
 def pytest_configure(config):
     # tests run with --import-mode=importlib (test files in different folders may share a
     # basename); folders with shared helper modules (tests/causal/handbuilt.py) are put
-    # on the path so their tests can import them
+    # on the path so their tests can import them (tests/core/hf_families.py)
     import pathlib
     import sys
 
     here = pathlib.Path(__file__).parent
-    for folder in ("causal",):
+    for folder in ("causal", "core"):
         path = str(here / folder)
         if path not in sys.path:
             sys.path.insert(0, path)

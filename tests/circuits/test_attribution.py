@@ -6,7 +6,7 @@ import torch
 
 from mechscope.circuits.attribution import attribution_patching
 from mechscope.circuits.cells import auc
-from mechscope.circuits.heads import head_site
+from mechscope.core.aliases import head_out
 from mechscope.circuits.patching import Cell, patch_cells
 from mechscope.core.site import Site
 from mechscope.tasks import induction
@@ -47,7 +47,7 @@ def test_hand_set_circuit_ranked_perfectly():
     gen = torch.Generator().manual_seed(2)
     clean = induction.repeated_tokens(32, 6, 12, generator=gen)
     corrupt = induction.corrupt_first_copy(clean, 6, 12, gen)
-    cells = [Cell(head_site(layer, h, model.cfg.d_head).replace(name=None)) for layer in range(2) for h in range(4)]
+    cells = [Cell(head_out(model, layer, h).replace(name=None)) for layer in range(2) for h in range(4)]
     res = attribution_patching(model, clean, corrupt, cells, lambda lg: induction.induction_metric(lg, clean, 6))
     labels = torch.tensor([(layer, h) in truth["heads"] for layer in range(2) for h in range(4)])
     assert auc(res.effects.abs(), labels) == 1.0

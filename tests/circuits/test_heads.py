@@ -40,12 +40,12 @@ def test_hand_set_model_scores_and_ablations():
 
     def loss(logits):
         return induction.repeated_half_loss(logits, tokens, 6)
-    sweep = head_ablation_sweep(model, tokens, loss, 2, 4, model.cfg.d_head, "zero", metric_name="loss")
+    sweep = head_ablation_sweep(model, tokens, loss, "zero", metric_name="loss")
     decoys = [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
     assert all(sweep.values[a, b].item() == pytest.approx(sweep.baseline, abs=1e-5) for a, b in decoys)
     assert sweep.values[1, 0] > sweep.baseline + 1.0 and sweep.values[0, 0] > sweep.baseline + 1.0
     assert sweep.to_dict()["ablation"] == "zero"
-    mean = head_ablation_sweep(model, tokens, loss, 2, 4, model.cfg.d_head, "mean")
+    mean = head_ablation_sweep(model, tokens, loss, "mean")
     assert mean.values[1, 0] > mean.baseline + 1.0 and mean.ablation == "mean"
     assert sweep.values[1, 0] < 2 * math.log(12)
 
@@ -60,4 +60,4 @@ def test_bad_input():
     model, _ = induction.hand_set_model()
     tokens = induction.repeated_tokens(4, 6, 12)
     with pytest.raises(ValueError, match="unknown ablation"):
-        head_ablation_sweep(model, tokens, lambda lg: lg.mean(), 2, 4, model.cfg.d_head, "resample")
+        head_ablation_sweep(model, tokens, lambda lg: lg.mean(), "resample")

@@ -84,3 +84,25 @@ def test_logit_lens_and_direct_logit_attribution(hf):
     dla = direct_logit_attribution(model, clean, target)
     assert dla["labels"] == ["embed", "attn_out.0", "mlp_out.0", "attn_out.1", "mlp_out.1"]
     assert torch.allclose(dla["contributions"].sum(0) + dla["rest"], dla["logits"], atol=1e-4)
+
+
+def test_path_patching_with_receivers_from_structure(hf):
+    """head_in names a head's query/key/value from structure() (grouped-query key heads mapped
+    to the query heads they serve), so path patching runs unchanged on Hugging Face models;
+    GPT-2's fused c_attn is refused with a message saying how to give the receiver."""
+    from mechscope.core.aliases import head_in, head_out
+    from mechscope.core.models import StructureError, structure
+    from mechscope.circuits.patching import path_patch
+
+    model, clean, corrupt, _, metric = hf
+    s = structure(model)
+    if s.blocks[1].qkv is None:
+        with pytest.raises(StructureError, match="fused"):
+            head_in(model, 1, 0, "k")
+        return
+    k = head_in(model, 1, 3, "k")
+    assert k.path.endswith("k_proj") and k.heads == (3 // (s.n_heads // s.n_kv_heads),) and k.head_dim == s.head_dim
+    score = path_patch(model, clean, corrupt, head_out(model, 0, 1), head_in(model, 1, 2, "q"), metric)
+    assert 0 < abs(score) < 10  # a real, finite effect through one path
+    with pytest.raises(StructureError, match="part must be"):
+        head_in(model, 1, 0, "o")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mechscope.circuits.cells import auc, grid, head_cells, resid_cells
-from mechscope.circuits.heads import head_site
+from mechscope.core.aliases import head_in, head_out
 from mechscope.circuits.patching import Cell, normalised_score, patch_cells, patch_one_by_one, path_patch
 from mechscope.core.intervene import Replace
 from mechscope.core.run import cache, run
@@ -81,16 +81,15 @@ def test_hand_set_circuit_is_recovered_by_patching_and_paths():
 
     def metric(logits):
         return induction.induction_metric(logits, clean, 6)
-    cells = [Cell(head_site(layer, h, model.cfg.d_head).replace(name=None), None, f"{layer}.{h}")
+    cells = [Cell(head_out(model, layer, h).replace(name=None), None, f"{layer}.{h}")
              for layer in range(2) for h in range(4)]
     res = patch_cells(model, clean, corrupt, cells, metric, "noise")
     labels = torch.tensor([(layer, h) in truth["heads"] for layer in range(2) for h in range(4)])
     assert auc(res.effects.abs(), labels) == 1.0
     assert res.effects[~labels].abs().max().item() < 1e-5  # decoys write nowhere that matters
-    real = path_patch(model, clean, corrupt, head_site(0, 0, model.cfg.d_head),
-                      Site("blocks.1.attn.k", heads=[0], head_dim=model.cfg.d_head), metric)
-    decoy = path_patch(model, clean, corrupt, head_site(0, 0, model.cfg.d_head),
-                       Site("blocks.1.attn.k", heads=[2], head_dim=model.cfg.d_head), metric)
+    assert head_in(model, 1, 0, "k") == Site("blocks.1.attn.k", heads=[0], head_dim=model.cfg.d_head)
+    real = path_patch(model, clean, corrupt, head_out(model, 0, 0), head_in(model, 1, 0, "k"), metric)
+    decoy = path_patch(model, clean, corrupt, head_out(model, 0, 0), head_in(model, 1, 2, "k"), metric)
     assert 1 - real > 0.5 and abs(1 - decoy) < 1e-5
 
 

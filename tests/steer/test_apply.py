@@ -14,7 +14,7 @@ from mechscope.steer.apply import (
     steer,
     steering_interventions,
 )
-from mechscope.steer.orthogonalize import orthogonalize_weights
+from mechscope.steer.orthogonalize import orthogonalize_weights, weight_writers
 from mechscope.zoo import build
 
 
@@ -73,8 +73,12 @@ def test_weight_edit_equals_hook_ablation(model):
 
 
 def test_residual_writers_of_the_zoo_transformer(model):
-    assert residual_writers(model) == ["embed", "pos_embed", "blocks.0.attn.o", "blocks.0.mlp.fc_out",
-                                       "blocks.1.attn.o", "blocks.1.mlp.fc_out"]
+    # the hook form projects at what each block adds (the attention and MLP outputs, which are
+    # their projections' own outputs here); the weight edit edits those projections
+    assert [s.path for s in residual_writers(model)] == ["embed", "pos_embed", "blocks.0.attn", "blocks.0.mlp",
+                                                         "blocks.1.attn", "blocks.1.mlp"]
+    assert weight_writers(model) == ["embed", "pos_embed", "blocks.0.attn.o", "blocks.0.mlp.fc_out",
+                                     "blocks.1.attn.o", "blocks.1.mlp.fc_out"]
 
 
 def test_width_mismatch_is_a_clear_error(model):

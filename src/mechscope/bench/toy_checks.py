@@ -38,9 +38,10 @@ from mechscope.bench import Result, check
 from mechscope.circuits import figures
 from mechscope.circuits.attribution import attribution_patching
 from mechscope.circuits.cells import auc
-from mechscope.circuits.heads import attention_patterns, head_ablation_sweep, head_scores, head_site
+from mechscope.circuits.heads import attention_patterns, head_ablation_sweep, head_scores
 from mechscope.circuits.patching import Cell, patch_cells, path_patch
-from mechscope.core.site import Site
+from mechscope.core import aliases
+from mechscope.core.structure import structure
 
 # ------------------------------------------------------------------------------ superposition
 
@@ -201,10 +202,10 @@ def induction_ablation(ctx) -> list[Result]:
     def metric(logits):
         return induction.repeated_half_loss(logits, tokens, cfg.half_len)
 
-    sweeps = {kind: head_ablation_sweep(model, tokens, metric, cfg.n_layers, cfg.n_heads, cfg.d_head, kind,
-                                        metric_name="repeated_half_loss") for kind in ("mean", "zero")}
+    sweeps = {kind: head_ablation_sweep(model, tokens, metric, kind, metric_name="repeated_half_loss")
+              for kind in ("mean", "zero")}
     heads = [h for h in range(cfg.n_heads) if stripe[h] > 0.5]
-    site = Site("blocks.1.attn.o", io="input", heads=heads or [best], head_dim=cfg.d_head)
+    site = aliases.head_out(model, 1, 0).replace(heads=heads or [best], name=None)
     with torch.no_grad():
         view = cache(model, tokens, [site])[site]
         out, _ = run(model, tokens, {site: Mean(view.mean(0))})
@@ -230,9 +231,10 @@ def _induction_patching_inputs(model, cfg):
     return clean, corrupt, metric
 
 
-def _head_cells(n_layers: int, n_heads: int, d_head: int) -> list[Cell]:
-    return [Cell(head_site(layer, h, d_head).replace(name=None), None, f"L{layer}H{h}")
-            for layer in range(n_layers) for h in range(n_heads)]
+def _head_cells(model) -> list[Cell]:
+    s = structure(model)
+    return [Cell(aliases.head_out(s, layer, h).replace(name=None), None, f"L{layer}H{h}")
+            for layer in range(s.n_layers) for h in range(s.n_heads)]
 
 
 def _identified(effects: torch.Tensor, scores: dict, cfg) -> tuple[float, dict]:
@@ -256,7 +258,7 @@ def _register_identification(method: str, tool: Any) -> None:
 
         model, cfg, source = _induction_models(ctx)[2]
         clean, corrupt, metric = _induction_patching_inputs(model, cfg)
-        res = tool(model, clean, corrupt, _head_cells(cfg.n_layers, cfg.n_heads, cfg.d_head), metric, direction="noise")
+        res = tool(model, clean, corrupt, _head_cells(model), metric, direction="noise")
         scores = head_scores(model, induction.eval_batch(cfg), cfg.half_len, cfg.n_layers)
         value, detail = _identified(res.effects, scores, cfg)
         return Result(value, {}, {"model": source, "ablation": res.ablation, **detail})
@@ -274,7 +276,7 @@ def induction_path(ctx) -> Result:
 
     model, cfg, source = _induction_models(ctx)[2]
     clean, corrupt, metric = _induction_patching_inputs(model, cfg)
-    edges = _edge_effects(model, cfg.n_heads, cfg.d_head, clean, corrupt, metric)
+    edges = _edge_effects(model, clean, corrupt, metric)
     (sender, receiver, part), best = max(edges.items(), key=lambda kv: abs(kv[1]))
     scores = head_scores(model, induction.eval_batch(cfg), cfg.half_len, cfg.n_layers)
     prev = int(scores["previous_token"][0].argmax())
@@ -284,14 +286,15 @@ def induction_path(ctx) -> Result:
                                   "edges": {f"L0H{s}->L1H{r}.{p}": v for (s, r, p), v in edges.items()}})
 
 
-def _edge_effects(model, n_heads: int, d_head: int, clean, corrupt, metric) -> dict[tuple[int, int, str], float]:
+def _edge_effects(model, clean, corrupt, metric) -> dict[tuple[int, int, str], float]:
     """Noising effect of every path from a layer-0 head into a layer-1 head's q, k or v."""
+    n_heads = structure(model).n_heads
     out = {}
     for s in range(n_heads):
         for r in range(n_heads):
             for part in ("q", "k", "v"):
-                receiver = Site(f"blocks.1.attn.{part}", heads=[r], head_dim=d_head)
-                score = path_patch(model, clean, corrupt, head_site(0, s, d_head), receiver, metric, "noise")
+                receiver = aliases.head_in(model, 1, r, part)
+                score = path_patch(model, clean, corrupt, aliases.head_out(model, 0, s), receiver, metric, "noise")
                 out[(s, r, part)] = 1.0 - score  # noising effect
     return out
 
@@ -317,11 +320,11 @@ def hand_set_circuit(ctx) -> list[Result]:
     def metric(logits):
         return induction.induction_metric(logits, clean, L)
 
-    cells = _head_cells(2, 4, model.cfg.d_head)
+    cells = _head_cells(model)
     labels = torch.tensor([(layer, h) in truth["heads"] for layer in range(2) for h in range(4)])
     act = patch_cells(model, clean, corrupt, cells, metric, direction="noise")
     attr = attribution_patching(model, clean, corrupt, cells, metric, direction="noise")
-    edges = _edge_effects(model, 4, model.cfg.d_head, clean, corrupt, metric)
+    edges = _edge_effects(model, clean, corrupt, metric)
     edge_labels = torch.tensor([(s, r, p) == (0, 0, "k") for (s, r, p) in edges])
     pats = head_scores(model, clean, L, 2)
     pattern_rank = (pats["previous_token"] + pats["induction_stripe"]).flatten()

@@ -132,7 +132,10 @@ class TailEngine:
         if len(keys) != 1:
             raise TailError(f"the variables' sites are at {len(keys)} different modules {sorted(map(str, keys))}; "
                             "the tail engine needs them at one module")
-        path, io, element = keys.pop()
+        path, io, element, rows_of = keys.pop()
+        if rows_of is not None:
+            raise TailError(f"the variables' site {path!r} runs on flattened rows; the tail engine replays from a "
+                            "[batch, pos, ...] activation: use engine='full' or a site on the block")
         self.anchor_site = Site(path, io, element)
         example = take(data.base, torch.arange(min(4, self.n)))
         self.plan = plan_tail(model, self.anchor_site, example)

@@ -1,8 +1,9 @@
 """Attention-head scores and head ablations.
 
-Scores read attention patterns ``[batch, n_heads, q_pos, k_pos]`` (cached at a pattern
-site, e.g. the zoo transformer's ``blocks.{l}.attn.pattern``) on sequences that repeat
-with a known period P:
+Scores read attention patterns ``[batch, n_heads, q_pos, k_pos]`` (cached at the
+``attn_pattern`` alias: the zoo transformer's ``blocks.{l}.attn.pattern``, a Hugging Face
+attention's returned weights under eager attention) on sequences that repeat with a known
+period P:
 
 - **previous-token**: mean attention from each query to the position just before it;
 - **induction ("stripe")**: mean attention from each query in the repeat to the token
@@ -14,6 +15,8 @@ with a known period P:
 
 Ablations replace one head's output (its slice of the output projection's input) by
 zero or by its mean over the batch, and the ablation type is recorded with every score.
+Layer and head counts, paths and widths come from the model's structure, so the same
+calls run on the built-in transformer and on Hugging Face models.
 """
 
 from __future__ import annotations
@@ -24,25 +27,23 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from mechscope.core import aliases
 from mechscope.core.intervene import Mean, Zero
-from mechscope.core.run import cache, call_model, run
+from mechscope.core.run import cache, call_model, logits_of, run
 from mechscope.core.site import Site
+from mechscope.core.structure import StructureError, structure
 
 Ablation = Literal["zero", "mean"]
 
 
-def pattern_site(layer: int, path: str = "blocks.{layer}.attn.pattern") -> Site:
-    """The attention-pattern site of ``layer`` (default: the zoo transformer's path)."""
-    return Site(path.format(layer=layer), name=f"pattern.{layer}")
-
-
-def attention_patterns(model: nn.Module, inputs: Any, n_layers: int,
-                       path: str = "blocks.{layer}.attn.pattern") -> Tensor:
-    """Patterns of every layer, ``[n_layers, batch, n_heads, q_pos, k_pos]``."""
-    sites = [pattern_site(layer, path) for layer in range(n_layers)]
+def attention_patterns(model: nn.Module, inputs: Any, n_layers: int | None = None) -> Tensor:
+    """Patterns of the first ``n_layers`` layers (default: all),
+    ``[n_layers, batch, n_heads, q_pos, k_pos]``."""
+    s = structure(model)
+    sites = [aliases.attn_pattern(model, layer) for layer in range(s.n_layers if n_layers is None else n_layers)]
     with torch.no_grad():
         acts = cache(model, inputs, sites)
-    return torch.stack([acts[s] for s in sites])
+    return torch.stack([acts[site] for site in sites])
 
 
 def _check_pattern(patterns: Tensor) -> None:
@@ -81,21 +82,15 @@ def duplicate_token_score(patterns: Tensor, period: int) -> Tensor:  # -> [..., 
     return _diagonal_mean(patterns, period, period + 1)
 
 
-def head_scores(model: nn.Module, tokens: Tensor, period: int, n_layers: int,
-                path: str = "blocks.{layer}.attn.pattern") -> dict[str, Tensor]:
+def head_scores(model: nn.Module, tokens: Tensor, period: int, n_layers: int | None = None) -> dict[str, Tensor]:
     """All three scores per head, each ``[n_layers, n_heads]``, on repeated ``tokens``."""
-    patterns = attention_patterns(model, tokens, n_layers, path)
+    patterns = attention_patterns(model, tokens, n_layers)
     return {"previous_token": previous_token_score(patterns),
             "induction_stripe": induction_score(patterns, period),
             "duplicate_token": duplicate_token_score(patterns, period)}
 
 
 # ------------------------------------------------------------------------------ ablation
-
-
-def head_site(layer: int, head: int, head_dim: int, path: str = "blocks.{layer}.attn.o") -> Site:
-    """One head's output: its slice of the output projection's input (zoo transformer path)."""
-    return Site(path.format(layer=layer), io="input", heads=[head], head_dim=head_dim, name=f"head.{layer}.{head}")
 
 
 def ablation_for(kind: Ablation, model: nn.Module, inputs: Any, site: Site) -> Callable:
@@ -123,16 +118,20 @@ class SweepResult:
                 "ablation": self.ablation, "metric": self.metric}
 
 
-def head_ablation_sweep(model: nn.Module, inputs: Any, metric: Callable[[Any], Tensor], n_layers: int,
-                        n_heads: int, head_dim: int, ablation: Ablation = "mean",
-                        path: str = "blocks.{layer}.attn.o", metric_name: str = "metric") -> SweepResult:
-    """The metric with each head ablated in turn (one forward per head)."""
-    values = torch.empty(n_layers, n_heads)
+def head_ablation_sweep(model: nn.Module, inputs: Any, metric: Callable[[Any], Tensor], ablation: Ablation = "mean",
+                        metric_name: str = "metric", n_layers: int | None = None) -> SweepResult:
+    """The metric of the logits with each head of the first ``n_layers`` layers (default:
+    all) ablated in turn (one forward per head)."""
+    s = structure(model)
+    if not s.n_heads:
+        raise StructureError(f"the number of heads of {s.model_class} is unknown; pass structure(model, n_heads=..., head_dim=...)")
+    n_layers = s.n_layers if n_layers is None else n_layers
+    values = torch.empty(n_layers, s.n_heads)
     with torch.no_grad():
-        base = float(metric(call_model(model, inputs)))
+        base = float(metric(logits_of(call_model(model, inputs))))
         for layer in range(n_layers):
-            for head in range(n_heads):
-                site = head_site(layer, head, head_dim, path)
+            for head in range(s.n_heads):
+                site = aliases.head_out(s, layer, head)
                 out, _ = run(model, inputs, {site: ablation_for(ablation, model, inputs, site)})
-                values[layer, head] = float(metric(out))
+                values[layer, head] = float(metric(logits_of(out)))
     return SweepResult(values, base, ablation, metric_name)

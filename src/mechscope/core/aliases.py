@@ -9,18 +9,27 @@ model (or an already built ``ModelStructure``) first; layers may be negative.
 =============  ==============================================================
 ``embed``      output of the token embedding
 ``resid_pre``  input of block l (its ``hidden_states`` argument)
-``attn_out``   output of block l's attention module (the attention output)
+``attn_out``   what block l adds to the stream for its attention (after any post-norm)
 ``head_out``   one head's output before the output projection (its input, split by head)
+``head_in``    one head's query, key or value (its slice of the q/k/v projection's output)
+``attn_pattern`` block l's attention pattern ``[batch, heads, query, key]``
 ``mlp_hidden`` input of block l's MLP down projection (post-nonlinearity, width d_mlp)
-``mlp_out``    output of block l's MLP
+``mlp_out``    what block l adds to the stream for its MLP (after any post-norm)
 ``resid_post`` output of block l
-``unembed``    output of the unembedding (the logits)
+``unembed``    output of the unembedding (the logits, before any final softcap Gemma 2 applies)
 =============  ==============================================================
+
+``attn_out`` and ``mlp_out`` are the block's *writes* (:mod:`mechscope.core.writes`):
+``resid_post(l) - resid_pre(l) == attn_out(l) + mlp_out(l)`` was checked on the probe
+forward, and where it could not be, these aliases raise :class:`StructureError`. Every
+view is ``[batch, pos, ...]``, also where a module runs on flattened rows (OPT's MLP).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
+import weakref
 from typing import Any
 
 from torch import nn
@@ -29,7 +38,7 @@ from mechscope.core.run import find_module
 from mechscope.core.site import Site
 from mechscope.core.structure import ModelStructure, StructureError, structure
 
-LAYER_ALIASES = ("resid_pre", "attn_out", "head_out", "mlp_hidden", "mlp_out", "resid_post")
+LAYER_ALIASES = ("resid_pre", "attn_out", "head_out", "attn_pattern", "mlp_hidden", "mlp_out", "resid_post")
 ALIASES = ("embed", *LAYER_ALIASES, "unembed")
 
 _HOW = "pass it with structure(model, {key}=...)"
@@ -83,20 +92,26 @@ def resid_post(model: nn.Module | ModelStructure, layer: int) -> Site:
     return Site(b.path, element=s.element(b.path), name=f"resid_post.{layer % s.n_layers}")
 
 
-def attn_out(model: nn.Module | ModelStructure, layer: int) -> Site:
-    """Output of block ``layer``'s attention module (element 0 when it returns a tuple)."""
-    s = _s(model)
+def _write_site(s: ModelStructure, layer: int, key: str) -> Site:
     b = s.block(layer)
-    path = _need(b.attn, "attention module (a submodule with q/k/v or fused qkv projections)", "attn", f" in block {b.path!r}")
-    return Site(path, element=s.element(path), name=f"attn_out.{layer % s.n_layers}")
+    name = f"{key}_out.{layer % s.n_layers}"
+    b.writes()  # raises with the reason when the writes are unknown
+    write = b.attn_write if key == "attn" else b.mlp_write
+    if write is None:
+        what = "attention" if key == "attn" else "MLP"
+        raise StructureError(f"{name}: block {b.path!r} adds no {what} output to the residual stream (none was found); "
+                             f"pass it with structure(model, {key}_write='...') (path relative to the block)")
+    return Site(write.path, element=s.element(write.path), rows_of=b.path if write.flat else None, name=name)
+
+
+def attn_out(model: nn.Module | ModelStructure, layer: int) -> Site:
+    """What block ``layer`` adds to the residual stream for its attention (checked)."""
+    return _write_site(_s(model), layer, "attn")
 
 
 def mlp_out(model: nn.Module | ModelStructure, layer: int) -> Site:
-    """Output of block ``layer``'s MLP."""
-    s = _s(model)
-    b = s.block(layer)
-    path = _need(b.mlp, "MLP (a submodule with a d_mlp -> d_model projection)", "mlp", f" in block {b.path!r}")
-    return Site(path, element=s.element(path), name=f"mlp_out.{layer % s.n_layers}")
+    """What block ``layer`` adds to the residual stream for its MLP (checked)."""
+    return _write_site(_s(model), layer, "mlp")
 
 
 def mlp_hidden(model: nn.Module | ModelStructure, layer: int) -> Site:
@@ -106,7 +121,51 @@ def mlp_hidden(model: nn.Module | ModelStructure, layer: int) -> Site:
     path = _need(b.mlp_down_proj, "MLP down projection (a linear d_mlp -> d_model)", "mlp_down_proj", f" in block {b.path!r}")
     name = f"mlp_hidden.{layer % s.n_layers}"
     _called(s, path, name)
-    return Site(path, io="input", name=name)
+    flat = b.mlp_write is not None and b.mlp_write.flat
+    return Site(path, io="input", rows_of=b.path if flat else None, name=name)
+
+
+_SWITCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def attn_pattern(model: nn.Module | ModelStructure, layer: int) -> Site:
+    """Block ``layer``'s attention pattern, ``[batch, heads, query, key]``.
+
+    Hugging Face attention returns its weights only under eager attention: given the
+    model, a model running another implementation (SDPA, flash) is switched to eager with
+    a warning (once per model); given only its structure, the run fails with an error
+    naming the option if the weights are missing. Eager and SDPA agree to float rounding,
+    not bit for bit.
+    """
+    s = _s(model)
+    b = s.block(layer)
+    name = f"attn_pattern.{layer % s.n_layers}"
+    path = _need(b.pattern, "attention pattern (a [batch, heads, q, k] softmax inside the attention, or "
+                 "attention weights returned as element 1)", "attn", f" in block {b.path!r}")
+    if b.pattern_element is not None and isinstance(model, nn.Module):
+        ensure_eager(model)
+    return Site(path, element=b.pattern_element, name=name)
+
+
+def ensure_eager(model: nn.Module) -> None:
+    """Switch a Hugging Face model to eager attention (which returns its weights), saying so once."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter):
+        raise StructureError(f"{type(model).__name__} runs {current!r} attention, which returns no attention weights, "
+                             "and cannot be switched; load it with attn_implementation='eager'")
+    setter("eager")
+    if getattr(config, "_attn_implementation", None) != "eager":
+        raise StructureError(f"{type(model).__name__} did not switch from {current!r} to eager attention; load it "
+                             "with attn_implementation='eager' to read attention patterns")
+    if model not in _SWITCHED:
+        _SWITCHED.add(model)
+        warnings.warn(f"mechscope switched {type(model).__name__} from {current!r} to eager attention to read its "
+                      "attention patterns (outputs agree to float rounding, not bit for bit); "
+                      f"model.set_attn_implementation({current!r}) switches it back", stacklevel=3)
 
 
 def head_out(model: nn.Module | ModelStructure, layer: int, head: int) -> Site:
@@ -114,16 +173,43 @@ def head_out(model: nn.Module | ModelStructure, layer: int, head: int) -> Site:
     s = _s(model)
     b = s.block(layer)
     path = _need(b.attn_out_proj, "attention output projection (a linear n_heads*head_dim -> d_model)", "attn_out_proj", f" in block {b.path!r}")
-    if not s.n_heads or not s.head_dim:
-        raise StructureError(f"the number of heads / head width of {s.model_class} is unknown; pass structure(model, n_heads=..., head_dim=...)")
-    if isinstance(head, bool) or not isinstance(head, int) or not -s.n_heads <= head < s.n_heads:
-        raise StructureError(f"head {head!r} is out of range: the model has {s.n_heads} heads; valid: 0..{s.n_heads - 1} (or -{s.n_heads}..-1)")
+    _check_head(s, head)
     name = f"head_out.{layer % s.n_layers}.{head % s.n_heads}"
     _called(s, path, name)
     return Site(path, io="input", heads=(head % s.n_heads,), head_dim=s.head_dim, name=name)
 
 
-_LAYER_FNS = {"resid_pre": resid_pre, "attn_out": attn_out, "mlp_hidden": mlp_hidden, "mlp_out": mlp_out, "resid_post": resid_post}
+def head_in(model: nn.Module | ModelStructure, layer: int, head: int, part: str) -> Site:
+    """Head ``head``'s query, key or value (``part`` "q", "k", "v") in block ``layer``: its
+    slice of that projection's output, where path patching lands a path into the head.
+    With grouped-query attention a key/value head serves several query heads; the site is
+    the key/value head that query head ``head`` reads."""
+    s = _s(model)
+    b = s.block(layer)
+    if part not in ("q", "k", "v"):
+        raise StructureError(f"head_in: part must be 'q', 'k' or 'v', got {part!r}")
+    _check_head(s, head)
+    if b.qkv is None:
+        raise StructureError(f"block {b.path!r} has no separate query/key/value projections that were found (a fused "
+                             "qkv layout, or unknown); give the receiver as a Site on the projection yourself, e.g. "
+                             "Site(path, features=...) for a head's columns of a fused projection")
+    index = "qkv".index(part)
+    h = head % s.n_heads
+    if part != "q":
+        h //= s.n_heads // (s.n_kv_heads or s.n_heads)
+    name = f"head_in.{layer % s.n_layers}.{head % s.n_heads}.{part}"
+    return Site(b.qkv[index], heads=(h,), head_dim=s.head_dim, name=name)
+
+
+def _check_head(s: ModelStructure, head: int) -> None:
+    if not s.n_heads or not s.head_dim:
+        raise StructureError(f"the number of heads / head width of {s.model_class} is unknown; pass structure(model, n_heads=..., head_dim=...)")
+    if isinstance(head, bool) or not isinstance(head, int) or not -s.n_heads <= head < s.n_heads:
+        raise StructureError(f"head {head!r} is out of range: the model has {s.n_heads} heads; valid: 0..{s.n_heads - 1} (or -{s.n_heads}..-1)")
+
+
+_LAYER_FNS = {"resid_pre": resid_pre, "attn_out": attn_out, "attn_pattern": attn_pattern, "mlp_hidden": mlp_hidden,
+              "mlp_out": mlp_out, "resid_post": resid_post}
 _PATH = re.compile(r"^(?P<path>[^:\[\]]*)(?::(?P<io>input|output))?(?:\[(?P<el>[^\]]+)\])?$")
 
 
@@ -208,7 +294,8 @@ def list_sites(model: nn.Module) -> list[dict[str, Any]]:
             if alias == "head_out":
                 add(lambda: head_out(s, layer, 0), f"head_out.{layer}.<h>", s.head_dim, s.n_heads)
             else:
-                add(lambda: _LAYER_FNS[alias](s, layer), f"{alias}.{layer}", s.d_mlp if alias == "mlp_hidden" else s.d_model)
+                width = {"mlp_hidden": s.d_mlp, "attn_pattern": None}.get(alias, s.d_model)
+                add(lambda: _LAYER_FNS[alias](s, layer), f"{alias}.{layer}", width)
     add(lambda: unembed(s), "unembed", vocab)
     for path, cls in classes.items():
         rows.append(dict(name=path, kind="module", path=path, io="output", element=None, **{"class": cls},
@@ -222,4 +309,4 @@ def _returns(s: ModelStructure, path: str) -> str | None:
 
 
 __all__ = ["ALIASES", "LAYER_ALIASES", "embed", "unembed", "resid_pre", "resid_post", "attn_out", "mlp_out",
-           "mlp_hidden", "head_out", "resolve", "list_sites"]
+           "mlp_hidden", "head_out", "head_in", "attn_pattern", "ensure_eager", "resolve", "list_sites"]

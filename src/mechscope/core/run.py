@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.site import BatchInfo, Site, SiteError
+from mechscope.core.trace import first_tensor
 
 Intervention = Callable[[Tensor, "HookCall"], Tensor]
 Interventions = Mapping[Site, Intervention] | Sequence[tuple[Site, Intervention]]
@@ -93,7 +94,9 @@ class _OutputSlot:
         except (IndexError, KeyError, TypeError):
             raise SiteError(f"site {site.describe()}: module returns {_describe(output)}, which has no element {el!r}") from None
         if not isinstance(value, Tensor):
-            raise SiteError(f"site {site.describe()}: element {el!r} of the output is {_describe(value)}, not a tensor")
+            hint = ("; attention weights are returned only under eager attention: model.set_attn_implementation('eager') "
+                    "or aliases.attn_pattern(model, layer), which switches it") if value is None else ""
+            raise SiteError(f"site {site.describe()}: element {el!r} of the output is {_describe(value)}, not a tensor{hint}")
         return value
 
     @staticmethod
@@ -147,6 +150,7 @@ class Run:
     def __init__(self, batch: BatchInfo | None = None) -> None:
         self.cache: dict[Site, Tensor] = {}
         self.batch = batch
+        self.lead: dict[str, tuple[int, int]] = {}  # rows_of path -> (batch, pos) of its latest call
 
     def set_batch(self, attention_mask: Tensor | None = None, seq_len: int | None = None) -> None:
         """Tell sites about the current batch (its attention mask) before a forward."""
@@ -244,7 +248,9 @@ def hooked(
 
     handles = []
     try:
-        for (path, io, _), plan in groups.items():
+        for path in {site.rows_of for site, _ in items if site.rows_of is not None}:
+            handles.append(find_module(model, path).register_forward_pre_hook(_lead_hook(path, state), with_kwargs=True))
+        for (path, io, _, _), plan in groups.items():
             module = find_module(model, path)
             if io == "output":
                 handles.append(module.register_forward_hook(_output_hook(plan, state, check_finite, detach, finish)))
@@ -256,13 +262,38 @@ def hooked(
             h.remove()
 
 
+def _lead_hook(path: str, state: Run):
+    """Records (batch, pos) of the activation a block is called on, for sites inside it
+    whose module sees flattened rows."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = first_tensor(args, kwargs)
+        if x is None or x.dim() < 3:
+            raise SiteError(f"module {path!r} (rows_of= of a site) was called without a [batch, pos, ...] tensor, "
+                            f"so the flattened rows inside it cannot be given their batch and positions")
+        state.lead[path] = (int(x.shape[0]), int(x.shape[1]))
+    return hook
+
+
+def _apply_rows(act: Tensor, plan: list, state: Run, check: bool, detach: bool, args: tuple | None = None) -> Tensor:
+    """:func:`_apply` on ``[batch, pos, ...]``, for a module that runs on flattened rows."""
+    site = plan[0][0]
+    if site.rows_of is None:
+        return _apply(act, plan, state, check, detach, args)
+    lead = state.lead.get(site.rows_of)
+    if lead is None or act.shape[0] != lead[0] * lead[1]:
+        raise SiteError(f"site {site.describe()}: expected flattened rows [batch*pos, ...] of the input of "
+                        f"{site.rows_of!r} ({lead}), got {_describe(act)}")
+    new = _apply(act.unflatten(0, lead), plan, state, check, detach, args)
+    return new.flatten(0, 1)
+
+
 def _output_hook(plan, state: Run, check: bool, detach: bool, finish: Callable[[], None]):
     changes = any(fn is not None for _, fn in plan)
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         site = plan[0][0]
         act = _OutputSlot.get(output, site)
-        new = _apply(act, plan, state, check, detach, args)
+        new = _apply_rows(act, plan, state, check, detach, args)
         finish()
         return _OutputSlot.put(output, site, new) if changes else None
 
@@ -278,7 +309,7 @@ def _input_hook(plan, state: Run, check: bool, detach: bool, finish: Callable[[]
         act = args[key] if kind == "arg" else kwargs[key]
         if not isinstance(act, Tensor):
             raise SiteError(f"site {site.describe()}: the argument is {_describe(act)}, not a tensor")
-        new = _apply(act, plan, state, check, detach)
+        new = _apply_rows(act, plan, state, check, detach)
         finish()
         if not changes:
             return None
@@ -298,6 +329,12 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+def logits_of(output: Any) -> Any:
+    """A model output's logits: ``output.logits`` (Hugging Face), else the output itself."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) else output
 
 
 def batch_info(inputs: Any) -> BatchInfo | None:

@@ -152,6 +152,9 @@ class Site:
         heads: attention heads to keep; needs ``head_dim``.
         head_dim: width of one head, to split the last dimension into heads.
         features: indices of the last dimension (of the head dimension with heads).
+        rows_of: for a module that runs on flattened rows ``[batch * pos, ...]`` (OPT's
+            MLP): the path of the module whose input gives ``batch`` and ``pos`` (its
+            block). The view is then ``[batch, pos, ...]`` like every other site's.
         name: optional label (aliases set it, e.g. ``"resid_post.3"``); not part of
             equality, only of printing.
     """
@@ -163,6 +166,7 @@ class Site:
     heads: tuple[int, ...] | None = None
     head_dim: int | None = None
     features: tuple[int, ...] | None = None
+    rows_of: str | None = None
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +179,8 @@ class Site:
         object.__setattr__(self, "positions", _canonical_positions(self.positions))
         object.__setattr__(self, "heads", _canonical_ints(self.heads, "heads"))
         object.__setattr__(self, "features", _canonical_ints(self.features, "features"))
+        if self.rows_of is not None and not isinstance(self.rows_of, str):
+            raise SiteError(f"rows_of must be a module path (the block whose input gives batch and pos), got {self.rows_of!r}")
         if self.heads is not None and not self.head_dim:
             raise SiteError(f"site {self.path!r} selects heads {self.heads} but has no head_dim; pass head_dim=")
 
@@ -237,9 +243,9 @@ class Site:
         return dataclasses.replace(self, **changes)
 
     @property
-    def module_key(self) -> tuple[str, str, int | str | None]:
-        """Sites with the same key share one hook (same module, io and element)."""
-        return (self.path, self.io, self.element)
+    def module_key(self) -> tuple[str, str, int | str | None, str | None]:
+        """Sites with the same key share one hook (same module, io, element and row layout)."""
+        return (self.path, self.io, self.element, self.rows_of)
 
     # -- selecting the view ---------------------------------------------------------
     def resolve_positions(self, act: Tensor, info: BatchInfo | None) -> Tensor | None:

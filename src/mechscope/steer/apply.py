@@ -8,11 +8,12 @@ Both are ordinary interventions of :mod:`mechscope.core.intervene` run through
   :class:`Steer` checks the direction's width against the site and refuses a coefficient
   that would overflow the activations' dtype, with an error that says what to lower.
 - **Directional ablation** ``x <- x - r r^T x`` (Arditi et al. 2024, arXiv 2406.11717) at
-  every layer and position. It is applied to the output of every module that *writes* to
-  the residual stream (token and position embeddings, each attention output projection,
-  each MLP down projection), which keeps the direction out of the residual stream
-  everywhere, including between attention and MLP inside a block. This is exactly the
-  hook form of the weight edit in :mod:`mechscope.steer.orthogonalize`.
+  every layer and position. It is applied to every *write* to the residual stream (the
+  embeddings, and what each block adds for its attention and its MLP, after any
+  post-sublayer norm: :mod:`mechscope.core.writes`), which keeps the direction out of the
+  stream everywhere, including between attention and MLP inside a block. Where each
+  write is a projection's own output this is exactly the hook form of the weight edit in
+  :mod:`mechscope.steer.orthogonalize`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.intervene import ProjectOut
-from mechscope.core.models import StructureError, structure
+from mechscope.core.aliases import attn_out, mlp_out, resid_pre
+from mechscope.core.structure import StructureError, structure
 from mechscope.core.run import HookCall, find_module, run
 from mechscope.core.site import Site
 
@@ -103,36 +105,27 @@ def steer(model: nn.Module, inputs: Any, direction: Any, sites: Site | Sequence[
     return out
 
 
-def residual_writers(model: nn.Module) -> list[str]:
-    """Paths of every module whose output is added to the residual stream.
+def residual_writers(model: nn.Module) -> list[Site]:
+    """Sites of every write to the residual stream, each checked on the structure probe.
 
-    Token and position embeddings (every ``nn.Embedding`` outside the blocks of width
-    ``d_model``), then per block the attention output projection and the MLP down
-    projection. A block without a found attention projection is an error: a write that is
-    not listed would leave the direction in the stream.
+    First the token and position embeddings, where the stream before block 0 is their sum
+    (times one constant, as Gemma scales it), else the input of block 0 itself; then per
+    block what it adds for its attention and its MLP (the ``attn_out`` / ``mlp_out``
+    aliases: after any post-sublayer norm). A block whose writes could not be established
+    is an error: a write that is not listed would leave the direction in the stream.
     """
     s = structure(model)
     if s.n_layers == 0 or not s.d_model:
         raise StructureError(f"{s.model_class}: no block list / d_model was found, so the residual stream's "
                              "writers are unknown; pass them with structure(model, blocks=..., ...)")
-    inside = tuple(b.path + "." for b in s.blocks)
-    paths = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Embedding) and m.embedding_dim == s.d_model and not name.startswith(inside)]
-    if s.embed and s.embed not in paths:
-        paths.insert(0, s.embed)
-    for b in s.blocks:
-        if b.attn_out_proj is None:
-            raise StructureError(f"block {b.path!r}: no attention output projection was found; pass "
-                                 "structure(model, attn_out_proj='attn.o_proj') (path relative to the block)")
-        paths.append(b.attn_out_proj)
-        if b.mlp_down_proj is not None:
-            paths.append(b.mlp_down_proj)
-        elif b.mlp is not None:
-            raise StructureError(f"block {b.path!r} has an MLP but no down projection was found; pass "
-                                 "structure(model, mlp_down_proj='mlp.down_proj')")
-    for p in paths:
-        find_module(model, p)  # clear error for a stale path
-    return paths
+    first = [Site(p) for p in s.embed_writes] if s.embed_writes else [resid_pre(s, 0)]
+    blocks = []
+    for layer, b in enumerate(s.blocks):
+        b.writes()  # the reason, when they are unknown
+        blocks += [alias(s, layer) for alias, w in ((attn_out, b.attn_write), (mlp_out, b.mlp_write)) if w is not None]
+    for site in first + blocks:
+        find_module(model, site.path)  # clear error for a stale path
+    return first + blocks
 
 
 def ablation_interventions(model: nn.Module, direction: Any) -> list[tuple[Site, ProjectOut]]:
@@ -143,7 +136,7 @@ def ablation_interventions(model: nn.Module, direction: Any) -> list[tuple[Site,
         raise SteeringError(f"the ablation direction has dimension {v.shape[0]} but the residual stream of "
                             f"{type(model).__name__} has width {d_model}; compute it on the residual stream")
     project = ProjectOut(v[None, :])
-    return [(Site(p), project) for p in residual_writers(model)]
+    return [(site, project) for site in residual_writers(model)]
 
 
 def ablate(model: nn.Module, inputs: Any, direction: Any) -> Any:

@@ -3,9 +3,14 @@ residual stream (Arditi et al. 2024, arXiv 2406.11717).
 
 For a unit direction r, every matrix that writes to the residual stream is replaced by
 ``(I - r r^T) W`` (and its bias by ``(I - r r^T) b``): token and position embeddings
-(their rows), attention output projections and MLP down projections, as found by
-:func:`mechscope.steer.apply.residual_writers`. The edited model then computes exactly
-what the hook form (:func:`mechscope.steer.apply.ablate`) computes, with no hooks.
+(their rows), attention output projections and MLP down projections. The edited model
+then computes what the hook form (:func:`mechscope.steer.apply.ablate`) computes, with no
+hooks, *where the algebra allows it*: the stream before block 0 must be the embeddings'
+sum and every block write must be its projection's own output (both checked on the
+structure probe, :mod:`mechscope.core.writes`). Where a norm sits between a projection and
+the stream (Gemma 2/3 and OLMo 2 normalise each sublayer's output before adding it), no
+edit of the projection commutes with the norm's RMS and per-channel scale, and this
+refuses instead of approximating; the hooked ablation projects at the write itself.
 
 Tied weights: when the token embedding shares its matrix with the unembedding (GPT-2),
 the edited embedding gets its own copy, so the unembedding is left as it was (the hook
@@ -21,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.models import structure
 from mechscope.core.run import find_module
-from mechscope.steer.apply import SteeringError, as_direction, residual_writers
+from mechscope.core.structure import StructureError, structure
+from mechscope.steer.apply import SteeringError, as_direction
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -52,7 +57,7 @@ def orthogonalize_weights(model: nn.Module, direction: Any, inplace: bool = Fals
     d_model = structure(model).d_model
     if d_model and v.shape[0] != d_model:
         raise SteeringError(f"the direction has dimension {v.shape[0]} but the residual stream has width {d_model}")
-    paths = residual_writers(model)  # on the original, so structure detection is not redone on the copy
+    paths = weight_writers(model)  # on the original, so structure detection is not redone on the copy
     target = model if inplace else copy.deepcopy(model)
     for path in paths:
         m = find_module(target, path)
@@ -73,6 +78,34 @@ def orthogonalize_weights(model: nn.Module, direction: Any, inplace: bool = Fals
             raise SteeringError(f"cannot orthogonalise {path!r} ({type(m).__name__}): only nn.Embedding, nn.Linear "
                                 "and Conv1D writers are supported; use the hook form steer.apply.ablate instead")
     return target
+
+
+def weight_writers(model: nn.Module) -> list[str]:
+    """Paths of the modules whose weights write to the stream: the embeddings, then each
+    block's output and down projections; a StructureError where an edit of them is not
+    an edit of what the block adds."""
+    s = structure(model)
+    if s.n_layers == 0 or not s.d_model:
+        raise StructureError(f"{s.model_class}: no block list / d_model was found, so the residual stream's writers "
+                             "are unknown; pass them with structure(model, blocks=..., ...)")
+    if not s.embed_writes:
+        raise StructureError(f"{s.model_class}: the stream before block 0 is not a sum of the embeddings (something "
+                             "sits in between), so an edit of the embedding weights would not remove the direction; "
+                             "use the hooked ablation mechscope.steer.apply.ablate, which projects at block 0's input")
+    paths = list(s.embed_writes)
+    for b in s.blocks:
+        for write, proj in ((b.attn_write, b.attn_out_proj), (b.mlp_write, b.mlp_down_proj)):
+            if write is None:
+                continue
+            if not write.is_proj or proj is None:
+                raise StructureError(
+                    f"block {b.path!r} adds the output of {write.path!r} to the residual stream, not the output of its "
+                    f"projection {proj!r}: a norm (or another map) sits in between, and no edit of the projection's "
+                    "weights commutes with a norm's RMS and per-channel scale; use the hooked ablation "
+                    "mechscope.steer.apply.ablate (`mechscope steer --action ablate`), which projects at the write itself")
+            paths.append(proj)
+        b.writes()  # the reason, when they are unknown
+    return paths
 
 
 @torch.no_grad()
