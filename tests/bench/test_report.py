@@ -92,3 +92,30 @@ def test_load_scoreboard_errors(tmp_path):
     bad.write_text(json.dumps(b))
     with pytest.raises(ScoreboardError, match="row 0 lacks key"):
         load_scoreboard(bad)
+
+
+@pytest.mark.parametrize("ref", ["../secret.png", "/etc/hostname", "figures/link.png"])
+def test_figure_paths_outside_the_scoreboard_directory_are_refused(tmp_path, ref):
+    out = tmp_path / "bench"
+    (out / "figures").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(PNG)
+    (out / "figures" / "link.png").symlink_to(tmp_path / "secret.png")
+    b = board()
+    b["figures"][0]["path"] = ref
+    (out / "scoreboard.json").write_text(json.dumps(b))
+    with pytest.raises(ScoreboardError, match=rf"figure 0 \(iia\): the path '{ref}' (is absolute|leads outside)"):
+        load_scoreboard(out / "scoreboard.json")
+    with pytest.raises(ValueError, match="leads outside|is absolute"):
+        render_report(b, out)  # a board handed over in Python is checked too: nothing outside is embedded
+
+
+def test_figure_entries_must_be_objects(tmp_path):
+    b = board()
+    b["figures"].append("figures/hier_eq__das__iia.png")
+    (tmp_path / "scoreboard.json").write_text(json.dumps(b))
+    with pytest.raises(ScoreboardError, match="figure 3 must be an object with string task, method and name"):
+        load_scoreboard(tmp_path / "scoreboard.json")
+    b["figures"] = {"a": 1}
+    (tmp_path / "scoreboard.json").write_text(json.dumps(b))
+    with pytest.raises(ScoreboardError, match="'figures' must be a list, got dict"):
+        load_scoreboard(tmp_path / "scoreboard.json")

@@ -98,3 +98,27 @@ def test_python_dash_m_runs_the_cli():
     assert result.returncode == 0 and result.stdout.strip().startswith("mechscope ")
     result = subprocess.run([sys.executable, "-m", "mechscope", "bench", "--nope"], capture_output=True, text=True)
     assert result.returncode == 2 and "unrecognized arguments: --nope" in result.stderr
+
+
+def test_bench_out_is_locked_and_a_stale_lock_taken_over(tmp_path, fake_checks, capsys):
+    import os
+    import socket
+
+    from mechscope.core.lock import LOCK_NAME
+
+    out = tmp_path / "o"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid in (os.getppid(), gone.pid):
+        (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then",
+                                                 "job": None, "token": "t"}))
+        code = main(["bench", "--out", str(out), "--no-report"])
+        err = capsys.readouterr().err
+        if pid == os.getppid():  # a live job holds it: refused at once, nothing written
+            assert code == 2 and f"in use by another job (PID {pid} on host" in err
+            assert not (out / "scoreboard.json").exists()
+        else:
+            assert code == 0 and f"mechscope bench: warning: taking over the stale lock of --out {out}" in err
+            assert f"process {pid} is no longer running" in err and (out / "scoreboard.json").exists()
+    assert not (out / LOCK_NAME).exists()

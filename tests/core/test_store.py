@@ -281,3 +281,70 @@ def test_missing_shard_is_named(tmp_path):
     (tmp_path / "shard-00003.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard-00003\.safetensors: missing"):
         store.to_tensor()
+
+
+# -- locks and a manifest that is not trusted ------------------------------------------------
+def test_a_second_writer_of_the_directory_fails_at_once(tmp_path):
+    import os
+    import socket
+
+    from mechscope.core.lock import LOCK_NAME, LockError
+
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "now", "job": None, "token": "x"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder))  # another live process writes this store
+    model = Tagger()
+    calls = counting(model)
+    with pytest.raises(LockError, match=rf"activation store {tmp_path} is in use by another job \(PID {os.getppid()}"):
+        write_store(model, EMBED, id_batches(), tmp_path)
+    assert not calls and not (tmp_path / MANIFEST).exists()
+    (tmp_path / LOCK_NAME).unlink()
+    write_store(model, EMBED, id_batches(), tmp_path)
+    assert not (tmp_path / LOCK_NAME).exists()  # released when the writer finished
+
+
+def edit_manifest(path, change):
+    m = json.loads((path / MANIFEST).read_text())
+    change(m)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("ref", ["../outside.safetensors", "/etc/hostname", "link.safetensors"])
+def test_shard_files_outside_the_store_are_refused(tmp_path, ref):
+    store_dir = tmp_path / "store"
+    write_store(Tagger(), EMBED, id_batches(), store_dir, shard_rows=20)
+    (tmp_path / "outside.safetensors").write_bytes((store_dir / "shard-00000.safetensors").read_bytes())
+    (store_dir / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    edit_manifest(store_dir, lambda m: m["shards"][1].update(file=ref))
+    with pytest.raises(CheckpointError, match=f"shard 1: the path '{ref}' (is absolute|leads outside)"):
+        open_store(store_dir)
+
+
+def test_dropped_shards_and_broken_fields_are_caught(tmp_path):
+    write_store(Tagger(), EMBED, id_batches(), tmp_path, shard_rows=20)  # 4 shards: batches [0,2) [2,4) [4,6) [6,7)
+
+    def drop(i):
+        def change(m):
+            gone = m["shards"].pop(i)
+            m["n_rows"] -= gone["rows"]
+            if i == len(m["shards"]):
+                m["n_batches"] = gone["batches"][0]
+        return change
+
+    original = (tmp_path / MANIFEST).read_text()
+    edit_manifest(tmp_path, drop(1))  # consistently edited: the rows still add up
+    with pytest.raises(CheckpointError, match=r"shard 1 \(shard-00002.safetensors\) covers input batches \[4, 6\].*end at "
+                                              r"batch 2.*no gap"):
+        open_store(tmp_path)
+    (tmp_path / MANIFEST).write_text(original)
+    edit_manifest(tmp_path, drop(3))
+    with pytest.raises(CheckpointError, match=r"shard-00003.safetensors'\] are in the store's directory but not in the "
+                                              "manifest"):
+        open_store(tmp_path)
+    for change, message in [(lambda m: m.update(shards={"a": 1}), "'shards' must be a list, got dict"),
+                            (lambda m: m["shards"].__setitem__(0, "shard-00000.safetensors"), "shard 0 must be an object"),
+                            (lambda m: m["shards"][0].update(rows="30"), "shard 0 .* has rows='30', not a count"),
+                            (lambda m: m.update(sites="embed"), "'sites' must be a non-empty list")]:
+        (tmp_path / MANIFEST).write_text(original)
+        edit_manifest(tmp_path, change)
+        with pytest.raises(CheckpointError, match=message):
+            open_store(tmp_path)

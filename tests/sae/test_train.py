@@ -205,6 +205,9 @@ def test_bad_training_input_is_a_clear_error():
         Trainer(SAEConfig(d_in=32, d_sae=64, arch="relu"), TrainConfig(dead_fix="auxk"))
     with pytest.raises(SAEError, match="has not seen any data"):
         trainer.export()
+    for arch in ("topk", "batchtopk", "relu", "jumprelu"):  # an empty batch: not a ZeroDivisionError
+        with pytest.raises(SAEError, match=r"step 0: the batch has no rows \(\[0, 32\]\)"):
+            Trainer(SAEConfig(d_in=32, d_sae=64, arch=arch, k=3), TrainConfig(batch_size=8)).step(torch.empty(0, 32))
 
 
 def test_progress_bar_shows_loss_l0_fvu_and_dead():

@@ -22,6 +22,7 @@ from mechscope.bench.registry import REGISTRY, Check, Registry, SelectionError
 from mechscope.bench.scoreboard import SCHEMA, tally, write_scoreboard
 from mechscope.bench.scoring import error_row, exception_row, rows_for
 from mechscope.core.config import Config, ConfigError, config, param
+from mechscope.core.lock import lock_dir
 
 
 @config
@@ -116,7 +117,18 @@ def run_bench(cfg: BenchConfig, registry: Registry | None = None, *,
     if not checks:
         stream.write("warning: no checks are registered; see mechscope/bench/catalog.py\n")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock_dir(out, "--out"):  # checked, made and locked: a second bench into it fails at once
+            _run_checks(checks, cfg, board, out, stream)
+            if cfg.report:
+                _write_report(board, out, stream)
+    finally:
+        torch.set_num_threads(threads_before)
+    return board
+
+
+def _run_checks(checks: list[Check], cfg: BenchConfig, board: dict[str, Any], out: Path, stream: TextIO) -> None:
+    """Run ``checks`` in order, rewriting the scoreboard after each."""
     progress = Progress(stream, len(checks))
     log, handlers = _open_log(out, progress)
     start = time.perf_counter()
@@ -135,10 +147,6 @@ def run_bench(cfg: BenchConfig, registry: Registry | None = None, *,
     finally:
         progress.close()
         _close_log(log, handlers)
-        torch.set_num_threads(threads_before)
-    if cfg.report:
-        _write_report(board, out, stream)
-    return board
 
 
 def new_board(cfg: BenchConfig, threads: int) -> dict[str, Any]:

@@ -10,7 +10,9 @@ going or after it was interrupted; the file is rewritten after every check) and
 check attached, ``{"task", "method", "name", "caption", "path"}`` with ``path`` relative to
 the scoreboard's directory (``figures/<task>__<method>__<name>.png``), or ``"missing"``
 instead of ``path`` when the figure could not be drawn. ``mechscope report`` embeds the
-listed files, so a scoreboard and its ``figures/`` directory are all a report needs.
+listed files, so a scoreboard and its ``figures/`` directory are all a report needs; a
+figure ``path`` that leads outside the scoreboard's directory (``..``, an absolute path,
+a link out) is an error naming the entry, never read.
 """
 
 from __future__ import annotations
@@ -58,11 +60,33 @@ def load_scoreboard(path: Path) -> dict[str, Any]:
     missing = [k for k in TOP_KEYS if k not in data]
     if missing:
         raise ScoreboardError(f"{path} lacks required key(s) {', '.join(missing)}")
+    if not isinstance(data["rows"], list):
+        raise ScoreboardError(f"{path}: 'rows' must be a list, got {type(data['rows']).__name__}")
     for i, row in enumerate(data["rows"]):
-        lacking = [k for k in ROW_KEYS if k not in row]
+        lacking = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
         if lacking:
             raise ScoreboardError(f"{path}: row {i} lacks key(s) {', '.join(lacking)}")
+    check_figures(data.get("figures", []), path.parent, str(path))
     return data
+
+
+def check_figures(figures: Any, base_dir: Path, where: str) -> None:
+    """Figure entries are objects with task, method and name, and a ``path`` inside ``base_dir``
+    (or a ``missing`` note); a path leading outside it is refused, naming the entry."""
+    from mechscope.core.paths import PathError, confined
+
+    if not isinstance(figures, list):
+        raise ScoreboardError(f"{where}: 'figures' must be a list, got {type(figures).__name__}")
+    for i, fig in enumerate(figures):
+        if not isinstance(fig, dict) or not all(isinstance(fig.get(k), str) for k in ("task", "method", "name")):
+            raise ScoreboardError(f"{where}: figure {i} must be an object with string task, method and name "
+                                  f"(and a path), got {json.dumps(fig)[:80]}")
+        if fig.get("missing"):
+            continue
+        try:
+            confined(base_dir, fig.get("path"), f"{where}: figure {i} ({fig['name']})")
+        except PathError as e:
+            raise ScoreboardError(str(e)) from None
 
 
 def tally(rows: list[dict[str, Any]]) -> dict[str, int]:

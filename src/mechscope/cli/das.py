@@ -94,23 +94,27 @@ def setup(cfg: DasConfig) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mechscope.core.lock import lock_dir
+
     cfg = config_from_args(DasConfig, args)
-    from mechscope.causal.alignment import AlignmentError
+    out = cfg.out or Path("das-out") / f"{cfg.task}-{cfg.method}-layer{cfg.layer}"
+    with lock_dir(out, "--out"):  # checked (a directory, writable) and locked before any work
+        return _run(cfg, out)
+
+
+def _run(cfg: DasConfig, out: Path) -> int:
     from mechscope.causal.compare import compare, table
     from mechscope.causal.das import FitConfig
     from mechscope.causal.persist import save_alignment
 
-    try:
-        s = setup(cfg)
-        fit = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-        results = compare(s["model"], s["train"], s["test"], s["site"], s["variables"], cfg.dims, (cfg.method,),
-                          s["readout"], fit, with_controls=cfg.controls)
-    except (AlignmentError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    # alignment errors and deliberate ValueErrors are bad input: mechscope.cli.errors prints them (exit 2)
+    s = setup(cfg)
+    fit = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    results = compare(s["model"], s["train"], s["test"], s["site"], s["variables"], cfg.dims, (cfg.method,),
+                      s["readout"], fit, with_controls=cfg.controls)
     print(f"{cfg.task}: {cfg.method} at {s['site']} ({s['site'].describe()}), {cfg.dims} dims per variable")
     print(table(results, list(s["test"])))
     found = results[cfg.method].alignment
-    out = cfg.out or Path("das-out") / f"{cfg.task}-{cfg.method}-layer{cfg.layer}"
     save_alignment(out, found, s["model"], meta={"task": cfg.task, "options": cfg.to_dict(),
                                                  "iia": {k: r.to_dict() for k, r in results[cfg.method].iia.items()}})
     print(f"alignment: {found.describe()}\nwrote {out}", file=sys.stderr)

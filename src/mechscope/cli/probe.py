@@ -4,7 +4,8 @@ code and k-sparse probes).
 Data: a built-in dataset (``steering_toy``: the concept bit; ``othello``: the 36 squares'
 states) or a JSON-lines file of ``{"tokens": [ids], "label": int}`` rows (optionally
 ``"type"``: the input type for the control task; by default the token at the probed
-position). Models: a built-in one (``--model``) or a random Hugging Face causal LM from
+position), every line checked, token ids against the model's vocabulary, before the
+model runs. Models: a built-in one (``--model``) or a random Hugging Face causal LM from
 a config (``--hf-config``; nothing is downloaded).
 """
 
@@ -60,6 +61,14 @@ def load_model(model: Optional[str], hf_config: Optional[str], default: str) -> 
     return load(SitesConfig(model=model or default))
 
 
+def check_inputs(model: Any, inputs: Any, data: str) -> None:
+    """Token ids of ``--data`` checked against the model's vocabulary before any forward."""
+    from mechscope.core.jsonl import check_token_ids, vocab_size
+
+    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+    check_token_ids(ids, vocab_size(model), f"--data {data}")
+
+
 def resolve_site(model: Any, spec: str, **fields: Any) -> Any:
     from mechscope.core.models import resolve
     from mechscope.core.site import SiteError
@@ -86,9 +95,9 @@ def dataset(cfg: ProbeConfig, model: Any) -> tuple[Any, Any, Any, Any]:
         game, pos = oth.probe_rows(games, 8, seed=cfg.seed)
         states = oth.relative_states(games) if cfg.coding == "relative" else oth.absolute_states(games)
         return games.tokens[game], states[game, pos], games.tokens[game, pos], pos[:, None]
-    from mechscope.probe.collect import read_jsonl, token_batch
+    from mechscope.core.jsonl import integer, read_jsonl, token_batch, token_ids, vocab_size
 
-    rows = read_jsonl(cfg.data, ("tokens", "label"))
+    rows = read_jsonl(cfg.data, {"tokens": token_ids(vocab_size(model)), "label": integer()}, {"type": integer()})
     batch = token_batch(rows)
     last = batch["attention_mask"].sum(1) - 1
     types = torch.tensor([r["type"] for r in rows]) if all("type" in r for r in rows) else \
@@ -107,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     default = "othello" if cfg.data == "othello" else "steering_toy"
     model = load_model(cfg.model, cfg.hf_config, default)
     inputs, labels, types, positions = dataset(cfg, model)
+    check_inputs(model, inputs, cfg.data)
     site = resolve_site(model, cfg.site, positions=positions if isinstance(positions, list) else
                         (torch.as_tensor(positions) if positions is not None else "last"))
     try:

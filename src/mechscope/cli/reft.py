@@ -59,22 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def task_from(cfg: ReftConfig) -> Any:
-    """The :class:`~mechscope.steer.baselines.SupervisedTask` the options name."""
+def task_from(cfg: ReftConfig, model: Any = None) -> Any:
+    """The :class:`~mechscope.steer.baselines.SupervisedTask` the options name (a file's token
+    ids checked against ``model``'s vocabulary)."""
     from mechscope.tasks import instructions as ins
 
     if cfg.data == "instructions":
         return ins.comparison_task(cfg.n_train, cfg.n_test, cfg.n_test, seed=cfg.seed)
-    from mechscope.probe.collect import read_jsonl
+    from mechscope.core.jsonl import one_of, read_jsonl, token_ids, vocab_size
     from mechscope.steer.baselines import SupervisedTask
 
-    rows = read_jsonl(cfg.data, ("prompt", "answer"))
+    ids = token_ids(vocab_size(model) if model is not None else None)
+    rows = read_jsonl(cfg.data, {"prompt": ids, "answer": ids}, {"split": one_of("train", "test", "unrelated")},
+                      example='{"prompt": [5, 6], "answer": [7], "split": "train"}')
     split: dict[str, list[Any]] = {"train": [], "test": [], "unrelated": []}
-    for i, r in enumerate(rows):
-        name = r.get("split", "train")
-        if name not in split:
-            raise UsageError(f"{cfg.data}: row {i} has split {name!r}; use train, test or unrelated")
-        split[name].append(ins.Example(tuple(r["prompt"]), tuple(r["answer"])))
+    for r in rows:
+        split[r.get("split", "train")].append(ins.Example(tuple(r["prompt"]), tuple(r["answer"])))
     if not split["train"] or not split["test"]:
         raise UsageError(f"{cfg.data}: need rows with split 'train' and 'test' (got {len(split['train'])} and "
                          f"{len(split['test'])})")
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     s = structure(model)
     layers = list(cfg.layers) or list(range(s.n_layers))
     sites = [resolve_site(model, f"resid_pre.{l}") for l in layers]
-    task = task_from(cfg)
+    task = task_from(cfg, model)
     recipe = TrainRecipe(steps=cfg.steps, lr=cfg.lr)
     try:
         if cfg.compare:

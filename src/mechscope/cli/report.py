@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from mechscope.bench.scoreboard import ScoreboardError, atomic_write, load_scoreboard
+    from mechscope.core.paths import output_file
     from mechscope.report.html import render_report
 
     cfg = config_from_args(ReportConfig, args)
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         board = load_scoreboard(cfg.scoreboard)
     except ScoreboardError as e:
         raise UsageError(str(e)) from None
-    out = cfg.out or cfg.scoreboard.parent / "report.html"
+    out = output_file(cfg.out or cfg.scoreboard.parent / "report.html", "--out")
     atomic_write(out, render_report(board, cfg.scoreboard.parent))
     print(out)
     return 0

@@ -10,7 +10,9 @@ Data comes from exactly one source:
 
 ``train`` writes the dictionary (mechscope format, and optionally an SAELens directory);
 under ``torchrun --nproc-per-node N -m mechscope sae train ...`` every process trains on
-its share of the batches and process 0 writes. ``eval`` prints the metrics (plus CE loss
+its share of the batches and process 0 writes. The output paths are checked before the
+training starts, and ``--out`` (and ``--checkpoint-dir``) are locked for the run, so a
+second job writing them fails at once. ``eval`` prints the metrics (plus CE loss
 recovered on a world, MMCS on synthetic data); ``pages`` writes HTML feature pages.
 """
 
@@ -32,6 +34,11 @@ Train, evaluate and browse sparse dictionaries. Data comes from exactly one sour
 Under `torchrun --nproc-per-node N -m mechscope sae train ...` every process trains on its
 share of the batches and process 0 writes the files."""
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
 
 
 @config
@@ -59,6 +66,9 @@ class OutputConfig(Config):
     saelens: Optional[Path] = param(None, metavar="DIR", help="also write it as an SAELens directory")
     threads: int = param(1, help="torch threads")
 
+    def validate(self) -> None:
+        _check_threads(self.threads)
+
 
 @config
 class EvalConfig(Config):
@@ -67,6 +77,11 @@ class EvalConfig(Config):
     batch_size: int = param(4096, help="rows per batch")
     json: bool = param(False, help="print JSON instead of a table")
     threads: int = param(1, help="torch threads")
+
+    def validate(self) -> None:
+        _check_threads(self.threads)
+        if self.batches < 1 or self.batch_size < 1:
+            raise ConfigError(f"--batches and --batch-size must be >= 1, got {self.batches} and {self.batch_size}")
 
 
 @config
@@ -77,6 +92,9 @@ class PagesConfig(Config):
     n_features: int = param(50, help="pages for the latents active most often")
     n_examples: int = param(10, help="top examples per latent")
     threads: int = param(1, help="torch threads")
+
+    def validate(self) -> None:
+        _check_threads(self.threads)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -104,12 +122,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    try:
-        return {"train": _train, "eval": _eval, "pages": _pages}[args.sae_command](args, torch)
-    except ConfigError:
-        raise
-    except (ValueError, KeyError) as e:  # SAE, store and checkpoint errors carry their own fix
-        raise UsageError(str(e).strip('"')) from None
+    # SAE, store, lock and checkpoint errors carry their own fix: mechscope.cli.errors prints them (exit 2)
+    return {"train": _train, "eval": _eval, "pages": _pages}[args.sae_command](args, torch)
 
 
 def _stream(data: DataConfig, batch_size: int, kind: str = "sae") -> tuple[Any, int, int | None, Any]:
@@ -144,14 +158,27 @@ def _resolve(store: Any, ref: str) -> Any:
 
 
 def _train(args: argparse.Namespace, torch: Any) -> int:
+    from mechscope.core.lock import lock_file
+    from mechscope.core.paths import output_dir
+    from mechscope.sae.train import TrainConfig
+
+    data, out = config_from_args(DataConfig, args), config_from_args(OutputConfig, args)
+    cfg = config_from_args(TrainConfig, args)
+    if out.saelens is not None:
+        output_dir(out.saelens, "--saelens")
+    if cfg.checkpoint_dir is not None:
+        output_dir(cfg.checkpoint_dir, "--checkpoint-dir")
+    with lock_file(out.out, "--out"):  # checked (a file, its directory made) and locked before any work
+        return _train_locked(args, torch, data, out, cfg)
+
+
+def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: OutputConfig, cfg: Any) -> int:
     from mechscope.sae.arch import SAEConfig
     from mechscope.sae.ddp import finish, init_distributed, shard
     from mechscope.sae.io import save_sae
     from mechscope.sae.saelens import save_saelens
-    from mechscope.sae.train import TrainConfig, train
+    from mechscope.sae.train import train
 
-    data, out = config_from_args(DataConfig, args), config_from_args(OutputConfig, args)
-    cfg = config_from_args(TrainConfig, args)
     torch.set_num_threads(out.threads)
     comm = init_distributed()
     fields = {f: getattr(args, f) for f in SAEConfig.field_names() if hasattr(args, f) and f not in ("d_in", "d_out")}
@@ -209,7 +236,10 @@ def _pages(args: argparse.Namespace, torch: Any) -> int:
     from mechscope.sae.pages import feature_pages
     from mechscope.sae.worlds import load_world
 
+    from mechscope.core.paths import output_dir
+
     cfg = config_from_args(PagesConfig, args)
+    output_dir(cfg.out, "--out")
     torch.set_num_threads(cfg.threads)
     sae = _load(cfg.sae)
     world = load_world(cfg.world)

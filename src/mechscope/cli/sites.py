@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from typing import Any, Optional
 
 from mechscope.cli import UsageError
@@ -76,7 +77,20 @@ def load_model(cfg: SitesConfig) -> Any:
     try:
         return hf_model_from_config(cfg.hf_config)
     except (ImportError, OSError, ValueError) as e:
-        raise UsageError(f"cannot build a model from --hf-config: {e}") from None
+        raise hf_config_error(e) from None
+
+
+def hf_config_error(e: Exception) -> UsageError:
+    """A usage error for a config transformers cannot build, in one short line (transformers'
+    own message for an unknown ``model_type`` lists every one it knows: 10 KB)."""
+    text = str(e)
+    unknown = re.search(r"(transformers \S+ )?does not know model_type ('[^']*'|\S+)", text)
+    if unknown or "Unrecognized model identifier" in text:
+        said = unknown.group(0) if unknown else "transformers does not know the config's model_type"
+        return UsageError(f"cannot build a model from --hf-config: {said}; check the spelling "
+                          "(e.g. gpt2, llama, qwen2, gemma3_text), or upgrade transformers")
+    text = " ".join(text.split())
+    return UsageError(f"cannot build a model from --hf-config: {text[:500]}{'...' if len(text) > 500 else ''}")
 
 
 def summary(s: Any) -> dict[str, Any]:

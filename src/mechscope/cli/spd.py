@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from mechscope.cli import UsageError
 from mechscope.core.config import Config, ConfigError, add_config_arguments, cli_fields, config, param
+from mechscope.core.paths import output_dir
 from mechscope.spd.config import SPDConfig
 
 TARGETS = ("tms_5_2", "tms_40_10", "tms_5_2_id", "resid_mlp")
@@ -80,10 +80,12 @@ def _hf(cmd: SPDCommandConfig, seed: int) -> tuple[Any, Any]:
 
     from mechscope.core.models import hf_model_from_config
 
+    from mechscope.cli.sites import hf_config_error
+
     try:
         model = hf_model_from_config(cmd.hf_config, seed=seed).eval()
     except (ImportError, OSError, ValueError) as e:
-        raise UsageError(f"cannot build a model from --hf-config: {e}") from None
+        raise hf_config_error(e) from None
     vocab = int(model.config.vocab_size)
     return model, lambda b, g: {"input_ids": torch.randint(0, vocab, (b, cmd.seq_len), generator=g)}
 
@@ -94,6 +96,7 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
 
     if cmd.out is None:
         raise UsageError("spd train needs --out DIR for the run's checkpoints")
+    output_dir(cmd.out, "--out")  # before any work; train_spd locks it for the run
     changes = _overrides(args)
     if cmd.target is not None:
         cfg = targets.target(cmd.target).spd.replace(**changes)
@@ -123,7 +126,6 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
 
 
 def _load(cmd: SPDCommandConfig) -> tuple[Any, Any]:
-    from mechscope.core.checkpoint import CheckpointError
     from mechscope.spd import targets
     from mechscope.spd.checkpoint import load_decomposition
 
@@ -134,10 +136,7 @@ def _load(cmd: SPDCommandConfig) -> tuple[Any, Any]:
         if cmd.decomposition is None:
             raise UsageError("--hf-config needs --decomposition FILE")
         model, path = _hf(cmd, 0)[0], cmd.decomposition
-    try:
-        return model, load_decomposition(path, model)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    return model, load_decomposition(path, model)  # a CheckpointError is printed by mechscope.cli.errors
 
 
 def _eval(cmd: SPDCommandConfig) -> int:
@@ -170,8 +169,8 @@ def _figures(cmd: SPDCommandConfig) -> int:
 
     if cmd.target is None or cmd.out is None:
         raise UsageError("spd figures needs --target NAME and --out DIR")
+    output_dir(cmd.out, "--out")
     model, dec = _load(cmd)
-    cmd.out.mkdir(parents=True, exist_ok=True)
     written = []
 
     @contextmanager
@@ -219,14 +218,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(cmd.threads)
     if args.spd_action == "train":
         _init_distributed()
-    try:
-        if args.spd_action == "train":
-            code = _train(cmd, args)
-            _leave_distributed()
-            return code
-        if args.spd_action == "eval":
-            return _eval(cmd)
-        return _figures(cmd)
-    except FileNotFoundError as e:
-        print(f"mechscope spd {args.spd_action}: {e}", file=sys.stderr)
-        return 1
+    if args.spd_action == "train":
+        code = _train(cmd, args)
+        _leave_distributed()
+        return code
+    if args.spd_action == "eval":
+        return _eval(cmd)
+    return _figures(cmd)

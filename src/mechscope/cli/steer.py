@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mechscope.cli import UsageError
-from mechscope.cli.probe import load_model, resolve_site
+from mechscope.cli.probe import check_inputs, load_model, resolve_site
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
@@ -56,16 +56,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _data(cfg: SteerConfig) -> tuple[Any, Any, Any, Optional[int]]:
+def _data(cfg: SteerConfig, model: Any) -> tuple[Any, Any, Any, Optional[int]]:
     """(concept inputs, concept-free inputs, positions of the read, default target token)."""
     if cfg.data == "steering_toy":
         from mechscope.tasks import steering_toy as st
 
         return (st.sample(cfg.n, cfg.seed, concept=True).ids, st.sample(cfg.n, cfg.seed + 1, concept=False).ids,
                 [st.QUERY_POS], st.R)
-    from mechscope.probe.collect import read_jsonl, token_batch
+    from mechscope.core.jsonl import integer, read_jsonl, token_batch, token_ids, vocab_size
 
-    rows = read_jsonl(cfg.data, ("tokens", "label"))
+    rows = read_jsonl(cfg.data, {"tokens": token_ids(vocab_size(model)), "label": integer((0, 1))})
     pos = [r for r in rows if r["label"] == 1]
     neg = [r for r in rows if r["label"] == 0]
     if not pos or not neg:
@@ -122,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
     from mechscope.steer.orthogonalize import orthogonalize_weights
 
     model = load_model(cfg.model, cfg.hf_config, "steering_toy")
-    pos_in, neg_in, positions, default_target = _data(cfg)
+    pos_in, neg_in, positions, default_target = _data(cfg, model)
+    check_inputs(model, pos_in, cfg.data)
+    check_inputs(model, neg_in, cfg.data)
     target = cfg.target_token if cfg.target_token is not None else default_target
+    if target is not None:
+        from mechscope.core.jsonl import check_token_ids, vocab_size
+
+        check_token_ids(torch.tensor([target]), vocab_size(model), "--target-token")
     try:
         v, site = direction(cfg, model, pos_in, neg_in, positions)
         report: dict[str, Any] = {"site": str(site), "method": cfg.method, "norm": float(v.norm()), "action": cfg.action}

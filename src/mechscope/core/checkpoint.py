@@ -46,7 +46,14 @@ PathLike = str | os.PathLike
 
 
 class CheckpointError(ValueError):
-    """A file that cannot be read as written: missing, truncated, corrupted or mismatched."""
+    """A file that cannot be read as written: missing, truncated, corrupted or mismatched.
+
+    Made by :func:`checkpoint_error`, it also carries the file (``path``) and what is
+    wrong with it (``problem``), so that a caller can give other advice.
+    """
+
+    path: Path | None = None
+    problem: str = ""
 
 
 class MissingCheckpointError(CheckpointError, FileNotFoundError):
@@ -54,12 +61,31 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 
 
 def checkpoint_error(path: PathLike, problem: str, fix: str, cls: type = CheckpointError) -> CheckpointError:
-    """An error whose message names the file, says what is wrong and how to fix it."""
-    return cls(f"{path}: {problem}. {fix}")
+    """An error whose message names the file, says what is wrong and how to fix it.
+
+    A file shipped with mechscope (``zoo/checkpoints``) is never to be deleted: the
+    default advice becomes "rebuild it with ``mechscope train`` or reinstall".
+    """
+    if fix in (_REWRITE, _MISSING) and shipped_file(path):
+        fix = _SHIPPED
+    err = cls(f"{path}: {problem}. {fix}")
+    err.path, err.problem = Path(path), problem
+    return err
 
 
 _REWRITE = "Delete the file and re-run the step that wrote it (a resumable job re-creates it on resume)"
 _MISSING = "Check the path, or re-run the step that writes it"
+_SHIPPED = ("It ships with mechscope: rebuild it with `mechscope train NAME` (`mechscope train --list` names "
+            "them), or reinstall mechscope to restore the original")
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints"
+
+
+def shipped_file(path: PathLike) -> bool:
+    """Whether ``path`` is one of the checkpoints shipped in the package (``zoo/checkpoints``)."""
+    try:
+        return SHIPPED_DIR in Path(path).resolve().parents
+    except (OSError, RuntimeError):
+        return False
 
 
 # -- atomic writes --------------------------------------------------------------------

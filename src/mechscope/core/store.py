@@ -16,13 +16,17 @@ On disk, ``out_dir`` holds::
                                "shards": [{"file", "rows", "batches": [first, stop),
                                            "sha256": {key: hex}}],
                                "n_rows", "n_batches", "complete"}
+    .mechscope.lock           while a write_store runs (mechscope.core.lock): a second
+                              writer of the same directory fails at once
 
 Rows of every site are aligned: row ``i`` of each site comes from the same token. A
 shard holds whole input batches, so the manifest (rewritten atomically after each shard)
 always says exactly which input batches are done; an interrupted ``write_store`` resumes
 by skipping them. Rows are ``[n, d]``: a ``[batch, pos, ...]`` view loses its padding
 positions (by the batch's attention mask) and trailing dims are flattened (``row_shape``
-keeps them, e.g. ``[n_heads, d_head]``).
+keeps them, e.g. ``[n_heads, d_head]``). Reading checks the manifest first
+(:mod:`mechscope.core.store_manifest`): shard files inside the directory, batch ranges
+without gaps.
 """
 
 from __future__ import annotations
@@ -39,21 +43,19 @@ from torch import Tensor, nn
 
 from mechscope.core.checkpoint import (
     CheckpointError,
-    MissingCheckpointError,
-    load_json,
     load_tensors,
     save_json_atomic,
     save_tensors,
     verify_tensor,
 )
+from mechscope.core.lock import lock_dir
+from mechscope.core.paths import confined
 from mechscope.core.run import cache
 from mechscope.core.site import Site, SiteError
+from mechscope.core.store_manifest import FORMAT, MANIFEST, SCHEMA_VERSION, read_manifest
+from mechscope.core.store_manifest import RECREATE as _RECREATE
 
-FORMAT = "mechscope.store"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
-_RECREATE = "Delete the store directory and write it again with write_store"
 
 SiteRef = Site | str | int
 
@@ -166,7 +168,7 @@ def _start(out_dir: Path, fresh: dict[str, Any], resume: bool) -> dict[str, Any]
             f"{out_dir} already holds an activation store; pass resume=True to continue or reuse "
             "it, or delete the directory (or choose another out_dir) to write a new one"
         )
-    old = _read_manifest(out_dir, allow_incomplete=True)
+    old = read_manifest(out_dir, allow_incomplete=True)
     conflicts = _resume_conflicts(old, fresh)
     if conflicts:
         raise ValueError(
@@ -255,10 +257,17 @@ def write_store(
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
     out_dir = Path(out_dir)
-    manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows), resume)
-    if manifest["complete"]:
-        return Store(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out_dir, "activation store"):
+        manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows), resume)
+        if not manifest["complete"]:
+            _write(model, sites, batches, out_dir, manifest, dtype, drop_padding, progress)
+    return Store(out_dir)
+
+
+def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir: Path, manifest: dict[str, Any],
+           dtype: torch.dtype, drop_padding: bool, progress: Callable[[int, int], None] | None) -> None:
+    """The loop of :func:`write_store`: run the batches not yet covered, shard by shard."""
+    shard_rows = manifest["shard_rows"]
     writer = _ShardWriter(out_dir, manifest, dtype)
     keys = dict(zip(sites, writer.keys))
     done, seen = manifest["n_batches"], 0
@@ -285,36 +294,9 @@ def write_store(
             "resume needs the same deterministic dataset (delete the directory to start over)"
         )
     writer.flush(complete=True)
-    return Store(out_dir)
 
 
 # -- reading ---------------------------------------------------------------------------
-def _read_manifest(out_dir: Path, allow_incomplete: bool) -> dict[str, Any]:
-    path = out_dir / MANIFEST
-    if not path.exists():
-        raise MissingCheckpointError(f"{path}: missing: there is no activation store in {out_dir}. "
-                                     "Check the path, or write one with write_store")
-    m = load_json(path, "activation-store manifest", _RECREATE + " (or resume it with write_store(..., resume=True))")
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an activation-store manifest (no format {FORMAT!r}). {_RECREATE}")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"{path}: store schema version {m.get('schema_version')!r}, this mechscope reads "
-                              f"{SCHEMA_VERSION}. Upgrade mechscope, or write the store again")
-    missing = [k for k in ("dtype", "sites", "shards", "n_rows", "n_batches", "complete") if k not in m]
-    if missing:
-        raise CheckpointError(f"{path}: corrupted manifest, missing field(s) {missing}. {_RECREATE}")
-    if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
-        raise CheckpointError(f"{path}: corrupted manifest, shard rows add up to {sum(s['rows'] for s in m['shards'])} "
-                              f"but n_rows says {m['n_rows']}. {_RECREATE}")
-    if not m["complete"] and not allow_incomplete:
-        raise CheckpointError(
-            f"{path}: the store is incomplete ({len(m['shards'])} shard(s), {m['n_batches']} input batches, "
-            "written by an interrupted write_store). Finish it with write_store(..., resume=True) on the "
-            "same dataset, or open it with allow_incomplete=True to read what is there"
-        )
-    return m
-
-
 class Store:
     """A written activation store: its sites, sizes and shuffled minibatches.
 
@@ -326,7 +308,7 @@ class Store:
 
     def __init__(self, out_dir: str | Path, allow_incomplete: bool = False) -> None:
         self.out_dir = Path(out_dir)
-        self.manifest = _read_manifest(self.out_dir, allow_incomplete)
+        self.manifest = read_manifest(self.out_dir, allow_incomplete)
         self._entries = {e["key"]: e for e in self.manifest["sites"]}
         self._sites = [Site.from_dict(e["site"]) for e in self.manifest["sites"]]
 
@@ -388,7 +370,7 @@ class Store:
     def read_shard(self, index: int, keys: Sequence[str], verify: bool = True) -> dict[str, Tensor]:
         """Tensors ``{key: [rows, d]}`` of one shard, checked against the manifest."""
         shard = self.manifest["shards"][index]
-        path = self.out_dir / shard["file"]
+        path = confined(self.out_dir, shard["file"], f"{self.out_dir / MANIFEST}: shard {index}")
         tensors, _ = load_tensors(path, verify=False, names=keys, fix=_RECREATE)
         for key, t in tensors.items():
             want = [shard["rows"], self._entries[key]["d"]]

@@ -12,7 +12,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mechscope.bench.scoreboard import atomic_write, tally
+from mechscope.bench.scoreboard import atomic_write, check_figures, tally
+from mechscope.core.paths import confined
 
 OP_TEXT = {">=": "≥", "<=": "≤", ">": "&gt;", "<": "&lt;", "==": "="}
 
@@ -109,7 +110,7 @@ def figure_html(fig: dict[str, Any], base_dir: Path) -> str:
     caption = escape(fig.get("caption") or fig["name"])
     if fig.get("missing"):
         return f'<div class="banner note">Figure {escape(fig["name"])}: {escape(fig["missing"])}</div>'
-    path = base_dir / fig["path"]
+    path = confined(base_dir, fig.get("path"), f"figure {fig['name']!r} of the scoreboard")  # never read outside
     if not path.is_file():
         return f'<div class="banner note">Figure {escape(fig["name"])}: file {escape(str(path))} not found</div>'
     data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -140,6 +141,7 @@ def _header(board: dict[str, Any]) -> str:
 def render_report(board: dict[str, Any], base_dir: Path) -> str:
     """The report page for a scoreboard whose figure paths are relative to ``base_dir``."""
     figures = board.get("figures", [])
+    check_figures(figures, Path(base_dir), "scoreboard")
     parts = [_header(board), "<h2>Summary</h2>",
              rows_table(board["rows"], with_task=True) if board["rows"] else "<p>No checks ran.</p>"]
     for task in _tasks(board):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mechscope.core.config import Config, ConfigError, config, param
+from mechscope.core.lock import lock_dir
 from mechscope.sae.arch import SAE, TOPK_FAMILY, SAEConfig, SAEError, fold_scale, to_jumprelu
 from mechscope.sae.ddp import Comm
 from mechscope.sae.objectives import OBJECTIVES, LossSettings, StepOutput
@@ -213,6 +214,10 @@ class Trainer:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != cfg.d_in:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise SAEError(f"training batches must be rows [batch, d_in={cfg.d_in}], got {shape}")
+        if x.shape[0] == 0:
+            raise SAEError(f"step {self.step_count}: the batch has no rows ([0, {cfg.d_in}]); every batch needs at "
+                           "least one activation row: check the data source (an empty store shard, a filter that "
+                           "dropped every position)")
         if cfg.kind == "sae":
             if y is not None and y is not x:
                 raise SAEError("an autoencoder reconstructs its input; give targets only to transcoders")
@@ -320,13 +325,24 @@ def train(sae_cfg: SAEConfig, cfg: TrainConfig, data: Iterable[Any], *, comm: Co
     With ``cfg.checkpoint_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a run finds and resumes from it: the
     batches it already consumed are skipped, so ``data`` must yield the same sequence.
+    The directory is locked for the run (:mod:`mechscope.core.lock`): a second job
+    training into it fails at once; the ranks of one ``torchrun`` job share the lock.
     ``on_log(entry, trainer)`` is called with every history entry (it may add to it).
     """
+    trainer = Trainer(sae_cfg, cfg, comm=comm, device=device)
+    if cfg.checkpoint_dir is None:
+        return _run(trainer, data, None, device, on_log)
+    with lock_dir(cfg.checkpoint_dir, "SAE checkpoint directory"):
+        return _run(trainer, data, Path(cfg.checkpoint_dir) / "trainer.safetensors", device, on_log)
+
+
+def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str | torch.device,
+         on_log: Callable[[dict[str, float], "Trainer"], None] | None) -> TrainResult:
+    """The loop of :func:`train`: resume from ``ckpt`` if it exists, step, log, checkpoint."""
     from mechscope.sae.progress import ProgressBar
     from mechscope.sae.resume import load_checkpoint, save_checkpoint
 
-    trainer = Trainer(sae_cfg, cfg, comm=comm, device=device)
-    ckpt = Path(cfg.checkpoint_dir) / "trainer.safetensors" if cfg.checkpoint_dir else None
+    cfg = trainer.cfg
     if ckpt is not None and ckpt.exists():
         load_checkpoint(trainer, ckpt)
     bar = ProgressBar(cfg.steps, enabled=cfg.progress and trainer.comm.is_main, start=trainer.step_count)

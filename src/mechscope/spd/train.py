@@ -7,7 +7,8 @@
 3. ``cfg.steps`` AdamW steps on the weighted losses of :class:`SPDObjective`, with the
    learning-rate schedule and the annealing of ``p``;
 4. resumable checkpoints every ``cfg.checkpoint_every`` steps, the final decomposition
-   and the history in ``out_dir``.
+   and the history in ``out_dir``, which is locked for the run (:mod:`mechscope.core.lock`:
+   a second job fails at once; the ranks of one ``torchrun`` job share the lock).
 
 ``data(batch_size, generator)`` returns one batch of model inputs. Under ``torchrun`` each
 rank draws its own batches and masks and DistributedDataParallel averages gradients.
@@ -16,7 +17,7 @@ rank draws its own batches and masks and DistributedDataParallel averages gradie
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from mechscope.core.checkpoint import save_json_atomic
+from mechscope.core.lock import lock_dir
 from mechscope.spd import distributed
 from mechscope.spd.checkpoint import load_training_state, save_decomposition, save_training_state
 from mechscope.spd.config import SPDConfig
@@ -116,7 +118,8 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
     if example_inputs is None:
         example_inputs = data(min(cfg.batch_size, 8), torch.Generator().manual_seed(cfg.seed))
     bar = Progress(cfg.steps, enabled=progress and rank == 0)
-    with frozen(model):
+    lock = lock_dir(out, "SPD run directory") if out is not None else nullcontext()
+    with lock, frozen(model):
         dec = Decomposition(model, cfg, example_inputs)
         objective = SPDObjective(dec)
         opt = make_optimizer(dec.parameters(), cfg.lr)

@@ -1,0 +1,120 @@
+"""An activation store's ``manifest.json``: read it and check it before any shard is opened.
+
+The manifest is the store's table of contents (its layout is in :mod:`mechscope.core.store`).
+A reader trusts nothing in it: every field has its type checked, shard files must lie in
+the store's own directory (no ``..``, absolute paths or links out), and the shards' input
+batch ranges must follow each other without a gap from batch 0 to ``n_batches``, their
+rows add up to ``n_rows``, and a complete store's directory holds no shard file the
+manifest does not list, so a manifest edited to drop a shard (even consistently) is an
+error, not a silently short store. Each problem is a :class:`CheckpointError` naming the
+entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mechscope.core.checkpoint import CheckpointError, MissingCheckpointError, load_json
+from mechscope.core.paths import PathError, confined
+
+FORMAT = "mechscope.store"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+RECREATE = "Delete the store directory and write it again with write_store"
+_FIELDS = ("dtype", "sites", "shards", "n_rows", "n_batches", "complete")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bad(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupted manifest, {problem}. {RECREATE}")
+
+
+def _check_sites(path: Path, sites: Any) -> None:
+    if not isinstance(sites, list) or not sites:
+        raise _bad(path, f"'sites' must be a non-empty list, got {type(sites).__name__}")
+    for i, entry in enumerate(sites):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("site"), dict):
+            raise _bad(path, f"site entry {i} must be an object with a string 'key' and a 'site' object")
+        if entry.get("d") is not None and not _count(entry["d"]):
+            raise _bad(path, f"site entry {i} ({entry['key']}) has width d={entry['d']!r}, not a count")
+
+
+def _check_shard(path: Path, i: int, shard: Any, start: int) -> int:
+    """Check shard ``i``, which must cover input batches from ``start``; returns where it stops."""
+    if not isinstance(shard, dict):
+        raise _bad(path, f"shard {i} must be an object, got {type(shard).__name__}")
+    try:
+        confined(path.parent, shard.get("file"), f"{path}: shard {i}")
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
+    if not _count(shard.get("rows")):
+        raise _bad(path, f"shard {i} ({shard['file']}) has rows={shard.get('rows')!r}, not a count")
+    if not isinstance(shard.get("sha256"), dict):
+        raise _bad(path, f"shard {i} ({shard['file']}) has no 'sha256' object of checksums")
+    batches = shard.get("batches")
+    if not (isinstance(batches, list) and len(batches) == 2 and all(_count(b) for b in batches)):
+        raise _bad(path, f"shard {i} ({shard['file']}) has batches={batches!r}, expected [first, stop)")
+    if batches[0] != start or batches[1] <= start:
+        raise _bad(path, f"shard {i} ({shard['file']}) covers input batches {batches}, but the shards before it "
+                         f"end at batch {start}: the batch ranges must follow each other with no gap "
+                         "(a shard is missing or was edited)")
+    return batches[1]
+
+
+def check_manifest(path: Path, m: Any) -> dict[str, Any]:
+    """Every field of a parsed manifest, checked; returns it."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an activation-store manifest (no format {FORMAT!r}). {RECREATE}")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: store schema version {m.get('schema_version')!r}, this mechscope reads "
+                              f"{SCHEMA_VERSION}. Upgrade mechscope, or write the store again")
+    missing = [k for k in _FIELDS if k not in m]
+    if missing:
+        raise _bad(path, f"missing field(s) {missing}")
+    if not isinstance(m["shards"], list):
+        raise _bad(path, f"'shards' must be a list, got {type(m['shards']).__name__}")
+    for field in ("n_rows", "n_batches"):
+        if not _count(m[field]):
+            raise _bad(path, f"{field}={m[field]!r}, not a count")
+    if not isinstance(m["complete"], bool) or not isinstance(m["dtype"], str):
+        raise _bad(path, "'complete' must be true or false and 'dtype' a string")
+    _check_sites(path, m["sites"])
+    stop = 0
+    for i, shard in enumerate(m["shards"]):
+        stop = _check_shard(path, i, shard, stop)
+    if stop != m["n_batches"]:
+        raise _bad(path, f"the shards cover input batches [0, {stop}) but n_batches says {m['n_batches']} "
+                         "(a shard is missing or was edited)")
+    rows = sum(s["rows"] for s in m["shards"])
+    if rows != m["n_rows"]:
+        raise _bad(path, f"shard rows add up to {rows} but n_rows says {m['n_rows']}")
+    files = [s["file"] for s in m["shards"]]
+    if len(set(files)) != len(files):
+        raise _bad(path, f"two shards name the same file ({sorted(f for f in files if files.count(f) > 1)[0]})")
+    if m["complete"]:  # a finished writer leaves no shard it did not record
+        extra = sorted(p.name for p in path.parent.glob("shard-*.safetensors") if p.name not in set(files))
+        if extra:
+            raise _bad(path, f"shard file(s) {extra[:3]} are in the store's directory but not in the manifest "
+                             "(a shard was dropped from it)")
+    return m
+
+
+def read_manifest(out_dir: Path, allow_incomplete: bool) -> dict[str, Any]:
+    """The checked manifest of the store in ``out_dir`` (an incomplete one only when allowed)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        raise MissingCheckpointError(f"{path}: missing: there is no activation store in {out_dir}. "
+                                     "Check the path, or write one with write_store")
+    m = check_manifest(path, load_json(path, "activation-store manifest",
+                                       RECREATE + " (or resume it with write_store(..., resume=True))"))
+    if not m["complete"] and not allow_incomplete:
+        raise CheckpointError(
+            f"{path}: the store is incomplete ({len(m['shards'])} shard(s), {m['n_batches']} input batches, "
+            "written by an interrupted write_store). Finish it with write_store(..., resume=True) on the "
+            "same dataset, or open it with allow_incomplete=True to read what is there"
+        )
+    return m
