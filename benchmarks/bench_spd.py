@@ -43,7 +43,7 @@ from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.masks import delta_mask, mask_and_penalised, stochastic_source
 from mechscope.spd.objective import SPDObjective
 from mechscope.spd.passes import batched_masked_passes, sequential_masked_passes, target_pass_keeping
-from mechscope.spd.targets import data_fn, load_target, target
+from mechscope.tasks.spd_targets import data_fn, load_target, target
 from mechscope.spd.train import make_optimizer
 
 REFERENCE_STEPS_PER_S = {"tms_5_2": 31.0, "resid_mlp": 4.1}  # the reference's best on a machine like this

@@ -6,8 +6,7 @@ attribute access, nothing is printed and nothing global is patched.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mechscope.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,21 +16,12 @@ _EXPORTS = {
     **dict.fromkeys(["hooked", "run", "cache", "interchange"], "mechscope.core.run"),
     **dict.fromkeys(["Replace", "Zero", "Mean", "Resample", "Add", "ProjectOut", "Apply",
                      "FeatureInterchange"], "mechscope.core.intervene"),
-    **dict.fromkeys(["Featurizer", "Identity", "Subspace", "Rotation", "PCA"], "mechscope.core.featurize"),
+    **dict.fromkeys(["Featurizer", "Identity", "LinearFeaturizer", "Subspace", "Rotation", "PCA"],
+                    "mechscope.core.featurize"),
     "collate": "mechscope.core.batch",
     **dict.fromkeys(["structure"], "mechscope.core.structure"),
     **dict.fromkeys(["resolve", "list_sites"], "mechscope.core.aliases"),
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mechscope' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mechscope.bench.scoreboard import ScoreboardError, load_scoreboard
+from mechscope.report.scoreboard import ScoreboardError, load_scoreboard
 from mechscope.report.html import render_report, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 8

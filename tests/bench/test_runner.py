@@ -10,7 +10,7 @@ import torch
 from mechscope.bench.context import Result
 from mechscope.bench.registry import Registry, SelectionError
 from mechscope.bench.runner import BenchConfig, auto_threads, exit_status, merge_figures, run_bench
-from mechscope.bench.scoreboard import load_scoreboard
+from mechscope.report.scoreboard import load_scoreboard
 
 TOP_KEYS = {"schema", "mechscope", "torch", "device", "seed", "started", "seconds", "rows"}
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from mechscope.causal.tail import TailError, plan_tail
+from mechscope.core.replay import ReplayError as TailError
+from mechscope.core.replay import plan_tail
 from mechscope.core.site import Site
 from mechscope.zoo import build
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mechscope.circuits import fourier, modular
-from mechscope.tasks import grokking
+from mechscope.circuits import fourier
+from mechscope.tasks import grokking, modular
 
 P = 13
 

@@ -76,11 +76,11 @@ def gpt2() -> nn.Module:
         initializer_range=0.1, **_TOKENS))
 
 
-def gpt_neox() -> nn.Module:
-    # no GQA; parallel residual (the default, as in Pythia); partial rotary
+def gpt_neox(parallel: bool = True) -> nn.Module:
+    # no GQA; parallel residual (the default, as in Pythia) or sequential; partial rotary
     return _make(tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(
         vocab_size=90, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-        max_position_embeddings=32, use_parallel_residual=True,
+        max_position_embeddings=32, use_parallel_residual=parallel,
         rope_parameters={**_ROPE, "partial_rotary_factor": 0.5},
         initializer_range=0.1, tie_word_embeddings=False, **_TOKENS))
 
@@ -290,11 +290,7 @@ def falcon_rw() -> nn.Module:
 
 
 def gpt_neox_sequential() -> nn.Module:
-    return _make(tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(
-        vocab_size=90, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-        max_position_embeddings=32, use_parallel_residual=False,
-        rope_parameters={**_ROPE, "partial_rotary_factor": 0.5},
-        initializer_range=0.1, tie_word_embeddings=False, **_TOKENS))
+    return gpt_neox(parallel=False)
 
 
 def stablelm_parallel() -> nn.Module:

@@ -48,6 +48,8 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     atomic_write(p, lambda f: f.write(b"second"))
     assert p.read_bytes() == b"second"
     assert sorted(os.listdir(p.parent)) == ["x.bin"]
+    atomic_write(p, "thïrd")  # text: UTF-8
+    assert p.read_bytes() == "thïrd".encode("utf-8")
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])

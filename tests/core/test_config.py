@@ -206,3 +206,46 @@ def test_parse_text_empty_sequence_and_optional():
     assert parse_text("", tuple[int, ...]) == ()
     assert parse_text("None", Optional[int]) is None
     assert parse_text("4", Optional[int]) == 4
+
+
+@config
+class Bounded(Config):
+    steps: int = param(10, ge=1, help="training steps")
+    lr: float = param(0.1, gt=0, le=1, help="learning rate")
+    sizes: tuple[int, ...] = param((4, 8), ge=2, help="sizes")
+    limit: Optional[int] = param(None, ge=0, help="optional limit")
+
+
+@config
+class Reworded(Bounded):
+    FIELD_HELP = {"steps": "optimiser steps of this command"}
+
+
+def test_declared_bounds_are_checked_when_built():
+    assert Bounded(limit=0).limit == 0 and Bounded(limit=None).limit is None
+    with pytest.raises(ConfigError, match=r"Bounded.steps must be >= 1, got 0"):
+        Bounded(steps=0)
+    with pytest.raises(ConfigError, match=r"Bounded.lr must be > 0, <= 1, got 0.0"):
+        Bounded.from_dict({"lr": 0})
+    with pytest.raises(ConfigError, match=r"Bounded.sizes must be >= 2, got 1"):
+        Bounded(sizes=(4, 1))
+    with pytest.raises(ConfigError, match=r"Bounded.steps must be >= 1"):
+        Bounded().replace(steps=-3)
+
+
+def test_bounds_show_in_help_and_errors_name_the_option(capsys):
+    parser = argparse.ArgumentParser(prog="t")
+    add_config_arguments(parser, Bounded, prefix="b_")
+    text = " ".join(parser.format_help().split())
+    assert "training steps (>= 1; default: 10)" in text and "learning rate (> 0, <= 1; default: 0.1)" in text
+    with pytest.raises(ConfigError, match=r"^--b-steps must be >= 1, got 0$"):
+        config_from_args(Bounded, parser.parse_args(["--b-steps", "0"]), prefix="b_")
+
+
+def test_a_subclass_rewords_an_inherited_fields_help():
+    parser = argparse.ArgumentParser(prog="t")
+    add_config_arguments(parser, Reworded)
+    text = " ".join(parser.format_help().split())
+    assert "optimiser steps of this command (>= 1; default: 10)" in text
+    with pytest.raises(ConfigError, match="Reworded.steps must be >= 1"):
+        Reworded(steps=0)

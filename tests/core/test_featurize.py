@@ -43,3 +43,15 @@ def test_subspace_from_init_and_errors():
         PCA.fit(torch.randn(1, 4))
     with pytest.raises(FeaturizerError, match="NaN"):
         PCA.fit(torch.full((5, 4), float("nan")))
+
+
+def test_orthonormal_bases_share_the_public_linear_featurizer():
+    from mechscope.causal.stiefel import StiefelSubspace
+    from mechscope.core.featurize import LinearFeaturizer
+
+    for f in (Subspace(6, 2, seed=0), Rotation(6, seed=0), StiefelSubspace(6, 3, seed=0)):
+        assert isinstance(f, LinearFeaturizer)
+        x = torch.randn(4, 6)
+        feats, err = f.encode(x)
+        assert torch.allclose(feats, x @ f.basis()) and torch.allclose(f.decode(feats, err), x, atol=1e-5)
+    assert not isinstance(Identity(6), LinearFeaturizer)

@@ -12,7 +12,8 @@ from mechscope.core.batch import collate
 from mechscope.core.checkpoint import CheckpointError
 from mechscope.core.run import NonFiniteActivationError, cache
 from mechscope.core.site import Site, SiteError
-from mechscope.core.store import MANIFEST, Store, flatten_rows, open_store, site_key, write_store
+from mechscope.core.collect import flatten_rows
+from mechscope.core.store import MANIFEST, Store, open_store, site_key, write_store
 
 
 class Tagger(nn.Module):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mechscope.sae.arch import SAEConfig
-from mechscope.sae.ddp import Comm, DistComm, init_distributed, shard, split_rows
+from mechscope.core.distributed import Comm, DistComm, init_distributed, shard, split_rows
 from mechscope.sae.evals import mmcs
 from mechscope.sae.train import TrainConfig, train
 from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeatures

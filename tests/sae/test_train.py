@@ -213,11 +213,12 @@ def test_bad_training_input_is_a_clear_error():
 def test_progress_bar_shows_loss_l0_fvu_and_dead():
     import io
 
-    from mechscope.sae.progress import ProgressBar
+    from mechscope.core.progress import Progress
+    from mechscope.sae.train import progress_text
 
     out = io.StringIO()
-    bar = ProgressBar(100, stream=out)
-    bar.update(50, {"loss": 0.25, "l0": 31.5, "fvu": 0.0123, "dead": 0.125})
+    bar = Progress(100, label="sae", stream=out)
+    bar.update(50, progress_text({"loss": 0.25, "l0": 31.5, "fvu": 0.0123, "dead": 0.125}))
     bar.close()
     line = out.getvalue()
     assert "50/100" in line and "loss 0.25" in line and "L0 31.5" in line and "FVU 0.0123" in line

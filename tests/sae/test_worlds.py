@@ -4,7 +4,7 @@ recovered, shipping and loading (tiny step counts; the bench runs the real setti
 import pytest
 import torch
 
-from mechscope.sae import recipes, worlds
+from mechscope.tasks import sae_synthetic as recipes, sae_worlds as worlds
 from mechscope.sae.arch import SAE, SAEConfig
 from mechscope.sae.io import save_sae
 
@@ -44,7 +44,8 @@ def test_train_ship_and_load_a_toy_dictionary(tmp_path):
 
 
 def test_every_shipped_dictionary_has_a_retraining_command():
-    from mechscope.cli.train import TRAINABLE, resolve
+    from mechscope.cli.train import resolve
+    from mechscope.tasks.registry import names
 
     assert resolve("sae_induction") is worlds.train_and_ship_induction  # after retraining the induction model
     assert resolve("sae_grokking") is worlds.train_and_ship_grokking
@@ -52,7 +53,7 @@ def test_every_shipped_dictionary_has_a_retraining_command():
     assert resolve("sae_synthetic") is recipes.train_and_ship_synthetic
     shipped = sorted(p.name for p in worlds.CHECKPOINTS.glob("sae_*.safetensors"))
     made = {worlds.checkpoint_name(w, a) for w in worlds.WORLDS for a in worlds.ARCHS} | set(recipes.SYNTHETIC_FILES.values())
-    assert set(shipped) <= made and "sae_toy_worlds" in TRAINABLE
+    assert set(shipped) <= made and "sae_toy_worlds" in names()
     for name in shipped:
         assert (worlds.CHECKPOINTS / name).stat().st_size < 2 * 2 ** 20, name
 

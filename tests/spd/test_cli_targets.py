@@ -7,7 +7,7 @@ import torch
 
 from mechscope.cli import main
 from mechscope.core.checkpoint import MissingCheckpointError
-from mechscope.spd import targets
+from mechscope.tasks import spd_targets as targets
 
 
 def test_targets_have_the_published_settings():

@@ -12,7 +12,8 @@ from torch import nn
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from mechscope.spd import distributed, train
+    from mechscope.core import distributed
+    from mechscope.spd import train
     from mechscope.spd.config import SPDConfig
     from mechscope.tasks.resid_mlp import sparse_features
 

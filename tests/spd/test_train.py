@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from mechscope.core.checkpoint import CheckpointError
+from mechscope.core.progress import Progress
 from mechscope.spd.checkpoint import decomposition_from_state
 from mechscope.spd.config import SPDConfig
 from mechscope.spd.evals import identity_report, importance_matrix, live_counts, mmcs_ml2r
-from mechscope.spd.progress import Progress
-from mechscope.spd.train import DECOMPOSITION_FILE, STATE_FILE, train_spd
+from mechscope.spd.train import DECOMPOSITION_FILE, STATE_FILE, progress_text, train_spd
 from mechscope.tasks.resid_mlp import sparse_features
 
 DIAG = torch.tensor([1.0, 1.5, 2.0, 2.5])
@@ -82,8 +82,8 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
 
 def test_progress_line_shows_losses_and_live_subcomponents():
     stream = io.StringIO()
-    bar = Progress(100, stream=stream)
-    bar.update(50, {"stochastic": 0.0012, "importance": 2.5}, {"encoder": (5, 20)})
+    bar = Progress(100, label="spd", stream=stream)
+    bar.update(50, progress_text({"stochastic": 0.0012, "importance": 2.5}, {"encoder": (5, 20)}))
     text = stream.getvalue()
     assert "50/100" in text and "stochastic 0.0012" in text and "importance 2.5" in text
     assert "live encoder 5/20" in text and "it/s" in text

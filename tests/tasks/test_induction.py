@@ -86,7 +86,8 @@ def test_bad_input():
 
 def test_train_command_lists_and_refuses_unknown_tasks(capsys):
     from mechscope.cli import main
-    from mechscope.cli.train import TRAINABLE, resolve
+    from mechscope.cli.train import resolve
+    from mechscope.tasks.registry import names
 
     assert main(["train", "--list"]) == 0
     out = capsys.readouterr().out
@@ -94,5 +95,5 @@ def test_train_command_lists_and_refuses_unknown_tasks(capsys):
     assert main(["train", "grokkin"]) == 2
     assert "did you mean 'grokking'" in capsys.readouterr().err
     assert main(["train"]) == 2
-    for name in TRAINABLE:  # every entry points at a real function
+    for name in names():  # every entry points at a real function
         assert callable(resolve(name))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mechscope.core.site import Site
-from mechscope.probe.collect import activations
+from mechscope.core.collect import activations
 from mechscope.steer.apply import ablate, steer
 from mechscope.steer.directions import cosine, diff_of_means
 from mechscope.tasks import steering_toy as st

@@ -12,35 +12,10 @@ Thresholds are the issue's, written here before the checks first ran:
 The default run uses the shipped networks and reduced data sizes (``detail.setting``);
 ``--full`` retrains the networks by their recipes and uses the published sizes.
 
-Measured (2026-11-24), for whoever reads a failing row: DAS at hidden layer 0 converges to
-the network's own ceiling, which depends on the training seed far more than on DAS --
-seeds 0..9 of the recipe give a converged IIA (worst of WX, YZ, both) of 0.93, 0.72, 0.89,
-0.84, 0.84, 0.92, 0.83, 0.79, 0.948, 0.90; train and test IIA agree, and five DAS seeds,
-both orthogonalisations and 60k examples x 70 epochs leave the shipped seed-0 network at
-0.93. The networks separable enough for DAS >= 0.95 (recipe seed 8: 0.95-0.96; seed 0 with a
-normal(0, 0.02) initialisation: 0.95-0.97) are also neuron-aligned: the neuron search reaches
-0.93-0.95 on them, where the check wants <= 0.80. Training on a finite set of K entities
-(as in the pyvene tutorial) and testing on fresh ones lowers DAS: K = 20 / 100 / 1000 give
-0.69 / 0.85 / 0.90 (neurons 0.62 / 0.70 / 0.83); 10 epochs instead of 3 give 0.937-0.949
-at seed 0 and 0.76 at seed 1.
-
-In the price-tagging transformer the last position never holds L apart from the answer:
-at the final block Boundless DAS finds the answer O itself (the network then says the
-source's answer: IIA 0.00 where the counterfactual label is yes and the source's answer
-no, 0.55 for the reverse), and after block 0 the last position holds no L (IIA ~0.54).
-Neither longer training of the alignment (20k examples x 20 epochs: 0.80; fixed-size DAS with
-1, 4 or 16 dimensions: 0.76-0.77) nor other networks, trained and searched once each and not
-shipped, reach 0.90 at the last position: 3 layers on digits 0.78; no "?" token (the answer
-read at Z) 0.78 / 0.81 after blocks 0 / 1; prices 0..99 as single tokens: L sits at Z's
-position after block 0 (0.90) and the last position holds 0.50 / 0.76. A narrow MLP (so
-that one MLP cannot compute O in one step) puts L at the last position for some seeds only:
-d_mlp 16 at seeds 0-3 gives 0.93 / 0.93 / 0.60 / 0.76 after block 0 (random subspace of the
-learnt size 0.60 / 0.58 / 0.51 / 0.61; seed 2 holds L at Z instead, 0.81), d_mlp 32 0.58,
-d_mlp 8 0.54 / 0.70 (seeds 0-1). Two seeds in four is not a network property, so the
-shipped network stays the d_mlp 256 one. The residual stream between a block's attention
-and its MLP (probed once through an inserted identity, same fit) holds L no better: at the
-last position 0.53 after block 0's attention and 0.85 after block 1's (32 dimensions;
-random subspace 0.67), at Z 0.74 after block 0's.
+The measurements behind these choices (the DAS ceiling of each training seed of the
+hierarchical-equality network; where the price-tagging transformer keeps L, and the
+networks tried instead) are in ``docs/results.md``: read them before changing a threshold
+or the shipped networks.
 """
 
 from __future__ import annotations
@@ -49,8 +24,13 @@ import functools
 from typing import Any
 
 from mechscope.bench import Result, check
+from mechscope.causal.baselines import random_subspace
+from mechscope.causal.boundless import boundless_das
 from mechscope.causal.compare import MethodResult, SearchSettings, compare
 from mechscope.causal.das import FitConfig
+from mechscope.causal.iia import iia
+from mechscope.tasks import hierarchical_equality as he
+from mechscope.tasks import price_tagging as pt
 
 HE = "hierarchical_equality"
 HE_LAYER, HE_DIMS = 0, 8
@@ -72,21 +52,19 @@ def _he_settings(full: bool) -> dict[str, Any]:
 @functools.lru_cache(maxsize=2)
 def hierarchical_equality(seed: int, full: bool) -> dict[str, Any]:
     """Every method at every hidden layer, once per (seed, setting); the checks read from it."""
-    from mechscope.tasks import hierarchical_equality as task
-
     s = _he_settings(full)
     if full:
-        model, metrics = task.train(task.TrainConfig(seed=seed), log=lambda *a: None)
+        model, metrics = he.train(he.TrainConfig(seed=seed), log=lambda *a: None)
         accuracy = metrics["test_accuracy"]
     else:
-        model = task.load_model()
-        accuracy = task.accuracy(model, 20_000, seed)
-    train = {w: task.counterfactuals(s["n_train"], seed * 1000 + i, w) for i, w in enumerate(task.INTERVENTIONS)}
-    tests = {w: task.counterfactuals(s["n_test"], seed * 1000 + 100 + i, w) for i, w in enumerate(task.INTERVENTIONS)}
+        model = he.load_model()
+        accuracy = he.accuracy(model, 20_000, seed)
+    train = {w: he.counterfactuals(s["n_train"], seed * 1000 + i, w) for i, w in enumerate(he.INTERVENTIONS)}
+    tests = {w: he.counterfactuals(s["n_test"], seed * 1000 + 100 + i, w) for i, w in enumerate(he.INTERVENTIONS)}
     fit = s["fit"].replace(seed=seed)
     layers = {}
     for layer in s["layers"]:
-        layers[layer] = compare(model, train, tests, task.site(layer), task.VARIABLES, HE_DIMS, s["methods"],
+        layers[layer] = compare(model, train, tests, he.site(layer), he.VARIABLES, HE_DIMS, s["methods"],
                                 fit=fit, search=s["search"])
     return {"accuracy": accuracy, "layers": layers, "tests": list(tests), "setting": "full" if full else "reduced",
             "n_train": 3 * s["n_train"], "n_test": s["n_test"]}
@@ -191,33 +169,28 @@ PT = "price_tagging"
 @functools.lru_cache(maxsize=2)
 def price_tagging(seed: int, full: bool) -> dict[str, Any]:
     """Boundless DAS for L (and, with --full, R) at every layer and position of the residual stream."""
-    from mechscope.causal.baselines import random_subspace
-    from mechscope.causal.boundless import boundless_das
-    from mechscope.causal.iia import iia
-    from mechscope.tasks import price_tagging as task
-
     if full:
-        model, metrics = task.train(task.TrainConfig(seed=seed), log=lambda *a: None)
+        model, metrics = pt.train(pt.TrainConfig(seed=seed), log=lambda *a: None)
     else:
-        model = task.load_model()
+        model = pt.load_model()
     n_train, n_test = (20_000, 4000) if full else (5000, 1000)
     fit = FitConfig(epochs=20 if full else 10, batch_size=256, seed=seed)
     grid: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
     for variable in (("L", "R") if full else ("L",)):
-        train = task.counterfactuals(n_train, seed * 1000 + 1, variable)
-        test = task.counterfactuals(n_test, seed * 1000 + 2, variable)
+        train = pt.counterfactuals(n_train, seed * 1000 + 1, variable)
+        test = pt.counterfactuals(n_test, seed * 1000 + 2, variable)
         grid[variable] = {}
-        for layer in range(task.MODEL.n_layers):
-            for pos in range(task.SEQ):
-                site = task.site(layer, pos)
-                al, res = boundless_das(model, train, site, task.readout, cfg=fit)
+        for layer in range(pt.MODEL.n_layers):
+            for pos in range(pt.SEQ):
+                site = pt.site(layer, pos)
+                al, res = boundless_das(model, train, site, pt.readout, cfg=fit)
                 k = al[variable].size
-                rand = random_subspace({variable: site}, {variable: k}, {site: task.MODEL.d_model}, seed)
+                rand = random_subspace({variable: site}, {variable: k}, {site: pt.MODEL.d_model}, seed)
                 grid[variable][(layer, pos)] = {
-                    "iia": iia(model, test, al, task.readout), "dims": k, "loss": res.losses[-1],
-                    "random": iia(model, test, rand, task.readout).value}
-    return {"accuracy": task.accuracy(model), "grid": grid, "setting": "full" if full else "reduced",
-            "n_train": n_train, "n_test": n_test, "positions": task.POSITIONS, "layers": task.MODEL.n_layers}
+                    "iia": iia(model, test, al, pt.readout), "dims": k, "loss": res.losses[-1],
+                    "random": iia(model, test, rand, pt.readout).value}
+    return {"accuracy": pt.accuracy(model), "grid": grid, "setting": "full" if full else "reduced",
+            "n_train": n_train, "n_test": n_test, "positions": pt.POSITIONS, "layers": pt.MODEL.n_layers}
 
 
 def _pt_figure(ctx: Any, res: dict[str, Any], variable: str) -> None:

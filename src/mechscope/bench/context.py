@@ -62,8 +62,10 @@ class CheckContext:
         return _fig.matplotlib_available()
 
     def world_model(self, world: Any, what: str) -> Any:
-        """A built-in world's model: the shipped checkpoint (``world.load()``), or under
-        ``--full`` one retrained by its recipe at the run's seed (``world.train(world.Recipe(seed))``)."""
+        """A built-in world's model (``world``: a :class:`mechscope.tasks.registry.Task`, or
+        anything with its ``load``, ``Recipe`` and ``train``): the shipped checkpoint
+        (``world.load()``), or under ``--full`` one retrained by its recipe at the run's seed
+        (``world.train(world.Recipe(seed))``)."""
         if self.full:
             self.log.info(f"--full: retraining {what} from its recipe")
             return world.train(world.Recipe(seed=self.seed))

@@ -24,6 +24,21 @@ from typing import Any
 import torch
 
 from mechscope.bench import Result, check
+from mechscope.core.site import Site
+from mechscope.core.collect import activations
+from mechscope.probe.control import control_labels, probe_with_controls, shuffled_labels
+from mechscope.probe.linear import split_indices, train_probe
+from mechscope.probe.mdl import online_codelength
+from mechscope.probe.sparse import RANKINGS, f1_score, sparse_probe
+from mechscope.steer.apply import ablate, steer
+from mechscope.steer.baselines import compare
+from mechscope.steer.directions import actadd, cosine, diff_of_means, pca_of_differences, probe_direction
+from mechscope.steer.finetune import TrainRecipe
+from mechscope.steer.orthogonalize import orthogonalize_weights
+from mechscope.tasks import instructions as ins
+from mechscope.tasks import registry
+from mechscope.tasks import steering_toy as st
+from mechscope.tasks.planted import make_planted
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -52,10 +67,6 @@ _SHIFTS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
        description="k-sparse probes (mean difference, F-statistic, mutual information, L1) recover the "
                    "planted neurons at k = planted size, and their test F1 grows with the shift")
 def planted_sparse(ctx) -> list[Result]:
-    from mechscope.probe.linear import split_indices, train_probe
-    from mechscope.probe.sparse import RANKINGS, f1_score, sparse_probe
-    from mechscope.tasks.planted import make_planted
-
     shifts = _SHIFTS
     n = _PLANTED["n"] * (4 if ctx.full else 1)
     f1: dict[str, list[float]] = {m: [] for m in RANKINGS}
@@ -105,9 +116,6 @@ def planted_sparse(ctx) -> list[Result]:
        description="control task (random label per input type): its probe stays at chance while the real "
                    "probe does not; with type-revealing activations the control probe memorises")
 def planted_control(ctx) -> list[Result]:
-    from mechscope.probe.control import probe_with_controls
-    from mechscope.tasks.planted import make_planted
-
     n = _PLANTED["n"] * (2 if ctx.full else 1)
     data = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=1.0, seed=ctx.seed)
     c = probe_with_controls(data.x, data.y, data.types, seed=ctx.seed)
@@ -132,10 +140,6 @@ def planted_control(ctx) -> list[Result]:
                   "control_task": "compression of the control-task labels"},
        description="online code (Voita & Titov): uniform codelength / online codelength, in bits")
 def planted_mdl(ctx) -> Result:
-    from mechscope.probe.control import control_labels, shuffled_labels
-    from mechscope.probe.mdl import online_codelength
-    from mechscope.tasks.planted import make_planted
-
     n = _PLANTED["n"] // 2 * (4 if ctx.full else 1)
     data = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=1.0, seed=ctx.seed)
     real = online_codelength(data.x, data.y, seed=ctx.seed)
@@ -158,18 +162,11 @@ def planted_mdl(ctx) -> Result:
 
 # =========================================================================== steering toy
 def _steering_model(ctx) -> Any:
-    from mechscope.tasks import steering_toy as st
-
-    return ctx.world_model(st, "the steering toy")
+    return ctx.world_model(registry.get("steering_toy"), "the steering toy")
 
 
 def _toy_setup(ctx) -> dict[str, Any]:
     """The model, data splits and the difference of means at every layer's output at the query."""
-    from mechscope.core.site import Site
-    from mechscope.probe.collect import activations
-    from mechscope.steer.directions import diff_of_means
-    from mechscope.tasks import steering_toy as st
-
     model = _steering_model(ctx)
     n = 2000 if ctx.full else 600
     s = ctx.seed * 1000
@@ -186,10 +183,6 @@ def _select_layer(setup: dict[str, Any]) -> tuple[int, dict[int, dict[str, float
     """Arditi et al.'s selection, on the validation split: among layers whose direction, added
     at coefficient 1, makes R the output on at least half of the concept-free inputs and whose
     ablation keeps the unrelated KL below 0.1, the one whose ablation leaves the least P(R)."""
-    from mechscope.core.site import Site
-    from mechscope.steer.apply import ablate, steer
-    from mechscope.tasks import steering_toy as st
-
     model, (pos, neg) = setup["model"], setup["val"]
     with torch.no_grad():
         clean_neg = model(neg)
@@ -209,11 +202,6 @@ def _select_layer(setup: dict[str, Any]) -> tuple[int, dict[int, dict[str, float
        description="difference of means at the middle layer (query position) against the planted concept's "
                    "direction there (mean over matched pairs of marked minus plain sequences)")
 def toy_direction(ctx) -> Result:
-    from mechscope.core.site import Site
-    from mechscope.probe.collect import activations
-    from mechscope.steer.directions import actadd, cosine, diff_of_means, pca_of_differences, probe_direction
-    from mechscope.tasks import steering_toy as st
-
     model = _steering_model(ctx)
     n = 2000 if ctx.full else 600
     layer = st.MODEL.n_layers // 2
@@ -249,9 +237,6 @@ def toy_direction(ctx) -> Result:
                    "on concept inputs minus the base rate (concept-free inputs); KL of next-symbol predictions "
                    "on concept-free inputs")
 def toy_ablation(ctx) -> list[Result]:
-    from mechscope.steer.apply import ablate
-    from mechscope.tasks import steering_toy as st
-
     setup = _toy_setup(ctx)
     layer, scores = _select_layer(setup)
     model, (pos, neg), v = setup["model"], setup["test"], setup["dirs"][layer]
@@ -277,10 +262,6 @@ def toy_ablation(ctx) -> list[Result]:
        description="adding the difference of means (coefficient 1) at the selected layer, every position, to "
                    "concept-free inputs: rate of emitting R; KL of next-symbol predictions; strength sweep figure")
 def toy_addition(ctx) -> list[Result]:
-    from mechscope.core.site import Site
-    from mechscope.steer.apply import steer
-    from mechscope.tasks import steering_toy as st
-
     setup = _toy_setup(ctx)
     layer, _ = _select_layer(setup)
     model, (_, neg), v = setup["model"], setup["test"], setup["dirs"][layer]
@@ -318,9 +299,6 @@ def toy_addition(ctx) -> list[Result]:
        description="orthogonalising embedding, attention-output and MLP-output weights against the direction "
                    "gives the same logits as directional ablation by hooks")
 def toy_weight_edit(ctx) -> Result:
-    from mechscope.steer.apply import ablate
-    from mechscope.steer.orthogonalize import orthogonalize_weights
-
     setup = _toy_setup(ctx)
     model, (pos, neg) = setup["model"], setup["test"]
     diffs, changed = [], []
@@ -344,12 +322,7 @@ _FULL_FT_LR = 1e-3
 
 
 def _comparison(ctx) -> list[Any]:
-    from mechscope.core.site import Site
-    from mechscope.steer.baselines import compare
-    from mechscope.steer.finetune import TrainRecipe
-    from mechscope.tasks import instructions as ins
-
-    model = ctx.world_model(ins, "the instruction model")
+    model = ctx.world_model(registry.get("instructions"), "the instruction model")
     n_train, n_test = (2000, 1000) if ctx.full else (1000, 300)
     task = ins.comparison_task(n_train, n_test, n_test, seed=ctx.seed)
     sites = [Site(f"blocks.{l}", io="input") for l in range(ins.MODEL.n_layers)]  # resid_pre of every block

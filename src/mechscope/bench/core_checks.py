@@ -13,7 +13,7 @@ import torch
 
 from mechscope.bench import Result, check
 from mechscope.core.batch import collate
-from mechscope.core.featurize import PCA, Identity, Rotation, Subspace
+from mechscope.core.featurize import Identity, PCA, Rotation, Subspace
 from mechscope.core.intervene import Replace, Zero
 from mechscope.core.run import cache, run
 from mechscope.core.site import Site

@@ -13,6 +13,11 @@ from typing import Any
 import torch
 
 from mechscope.bench import Result, check
+from mechscope.probe.control import control_labels
+from mechscope.probe.linear import train_probe
+from mechscope.tasks import othello as oth
+from mechscope.tasks import othello_edit as oe
+from mechscope.tasks import registry
 
 _OTHELLO_CACHE: dict[tuple[int, bool], dict[str, Any]] = {}
 EDIT_SUCCESS = 0.8  # the issue's threshold for the probe edit (the check and its figure)
@@ -23,10 +28,8 @@ def _othello(ctx) -> dict[str, Any]:
     key = (ctx.seed, ctx.full)
     if key in _OTHELLO_CACHE:
         return _OTHELLO_CACHE[key]
-    from mechscope.probe.linear import train_probe
-    from mechscope.tasks import othello as oth
 
-    model = ctx.world_model(oth, "the Othello world model")
+    model = ctx.world_model(registry.get("othello"), "the Othello world model")
     n_games, per_game = (3000, 10) if ctx.full else (800, 6)
     grid = (1e-1, 1e-2, 1e-3, 1e-4) if ctx.full else (1e-2, 1e-3)
     games = oth.random_games(n_games, seed=10_000 + ctx.seed)
@@ -60,10 +63,6 @@ def _othello(ctx) -> dict[str, Any]:
        description="linear probes of each square (36 three-class probes) at every layer: relative coding "
                    "(empty/mine/theirs) against absolute (empty/black/white), mean held-out accuracy")
 def othello_probes(ctx) -> list[Result]:
-    from mechscope.probe.control import control_labels
-    from mechscope.probe.linear import train_probe
-    from mechscope.tasks import othello as oth
-
     o = _othello(ctx)
     rel = {l: p.accuracy for l, p in o["probes"]["relative"].items()}
     ab = {l: p.accuracy for l, p in o["probes"]["absolute"].items()}
@@ -100,11 +99,8 @@ def othello_probes(ctx) -> list[Result]:
 
 def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[int, float]]:
     """The relative probes the edit moves along, fitted on 3000 games x 10 positions of their own (seed
-    30_000 + seed; none of them scored): with the 30k-step world model, on tuning games, these
-    directions flipped 0.80 of 1600 edits, those of the 800 x 6 probing rows 0.79."""
-    from mechscope.probe.linear import train_probe
-    from mechscope.tasks import othello as oth
-
+    30_000 + seed; none of them scored): on tuning games they flipped more edits than the probes
+    of the probing rows (``docs/results.md``)."""
     games = oth.random_games(3000, seed=30_000 + ctx.seed)
     game, pos = oth.probe_rows(games, 10, seed=ctx.seed)
     acts = oth.residuals(model, games, layers, game, pos)
@@ -127,8 +123,6 @@ def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[in
                    "disjoint from the scored ones; success = the model's top-k moves are exactly the edited "
                    "board's legal moves")
 def othello_edit(ctx) -> list[Result]:
-    from mechscope.tasks import othello_edit as oe
-
     o = _othello(ctx)
     layers = oe.edit_layers()
     # scored on the probing games (seed 10_000 + seed); the margin and layers were chosen on games of seed 50_000

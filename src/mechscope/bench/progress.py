@@ -1,8 +1,9 @@
-"""Plain-text progress on stderr: which check runs, i/n, elapsed, estimated time left.
+"""The bench's progress on stderr: which check runs, i/n, elapsed, estimated time left.
 
-On a terminal the bottom line is a bar redrawn in place and every finished check leaves
-one result line above it; elsewhere (CI logs, pipes) each check prints a start line and a
-result line, with no control characters.
+Every finished check prints one result line, ``[6/48] core/hooks/fixed_cost_ms: PASS ...``
+(the bench's output contract). On a terminal the bottom line is a bar (:mod:`mechscope.core.progress`)
+redrawn in place below them; elsewhere (CI logs, pipes) each check also prints a start line,
+with no control characters.
 """
 
 from __future__ import annotations
@@ -10,28 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, TextIO
 
+from mechscope.core.progress import Progress as _Bar
+from mechscope.core.progress import bar_text as bar
+from mechscope.core.progress import estimate_left, format_seconds
 
-def format_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, sec = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+__all__ = ["Progress", "bar", "estimate_left", "format_seconds", "outcome_text"]
 
-
-def estimate_left(elapsed: float, done: int, total: int) -> float | None:
-    """Time left if the remaining checks take as long, on average, as the finished ones."""
-    if done <= 0:
-        return None
-    return elapsed / done * (total - done)
-
-
-def bar(done: int, total: int, width: int = 20) -> str:
-    filled = width if total <= 0 else int(width * done / total)
-    return "#" * filled + "-" * (width - filled)
+_BAR_FORMAT = "[{bar:20}] {index}/{total} {current}  {status}"
 
 
 def outcome_text(rows: list[dict[str, Any]]) -> str:
@@ -53,42 +39,30 @@ class Progress:
     """Progress display for ``total`` checks written to ``stream``."""
 
     def __init__(self, stream: TextIO, total: int, clock: Callable[[], float] = time.monotonic):
-        self.stream, self.total, self.clock = stream, total, clock
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.start = clock()
+        self.stream, self.total = stream, total
+        self.bar = _Bar(total, stream=stream, bar_format=_BAR_FORMAT, ascii="-#", leave=False, clock=clock)
+        self.tty = self.bar.shows_bar
         self.done = 0
         self.current = ""
-        self._bar_shown = False
 
     def _status(self) -> str:
-        elapsed = self.clock() - self.start
-        left = estimate_left(elapsed, self.done, self.total)
+        left = estimate_left(self.bar.elapsed(), self.done, self.total)
         left_text = "?" if left is None else f"~{format_seconds(left)}"
-        return f"elapsed {format_seconds(elapsed)}, left {left_text}"
-
-    def _clear(self) -> None:
-        if self.tty and self._bar_shown:
-            self.stream.write("\r\x1b[2K")
-            self._bar_shown = False
+        return f"elapsed {format_seconds(self.bar.elapsed())}, left {left_text}"
 
     def _draw(self) -> None:
         if self.tty and self.current:
-            line = f"[{bar(self.done, self.total)}] {self.done + 1}/{self.total} {self.current}  " \
-                   f"{self._status()}"
-            self.stream.write(line[:160])
-            self._bar_shown = True
+            self.bar.update(self.done, index=self.done + 1, current=self.current, status=self._status())
         self.stream.flush()
 
     def begin(self, name: str) -> None:
         self.current = name
-        if self.tty:
-            self._clear()
-        else:
+        if not self.tty:
             self.stream.write(f"[{self.done + 1}/{self.total}] {name} ...\n")
         self._draw()
 
     def finish(self, rows: list[dict[str, Any]], seconds: float) -> None:
-        self._clear()
+        self.bar.clear()
         self.done += 1
         self.stream.write(f"[{self.done}/{self.total}] {self.current}: {outcome_text(rows)} "
                           f"({format_seconds(seconds)}; {self._status()})\n")
@@ -97,10 +71,9 @@ class Progress:
 
     def note(self, message: str) -> None:
         """A line of text (a log message) above the bar."""
-        self._clear()
+        self.bar.clear()
         self.stream.write(message.rstrip("\n") + "\n")
         self._draw()
 
     def close(self) -> None:
-        self._clear()
-        self.stream.flush()
+        self.bar.close()

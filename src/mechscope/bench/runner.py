@@ -15,14 +15,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+import mechscope
 from mechscope.bench.catalog import load_catalog
 from mechscope.bench.context import CheckContext
 from mechscope.bench.progress import Progress, format_seconds
 from mechscope.bench.registry import REGISTRY, Check, Registry, SelectionError
-from mechscope.bench.scoreboard import SCHEMA, tally, write_scoreboard
 from mechscope.bench.scoring import error_row, exception_row, rows_for
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.core.lock import lock_dir
+from mechscope.report import write_report
+from mechscope.report.scoreboard import SCHEMA, tally, write_scoreboard
 
 
 @config
@@ -153,8 +155,6 @@ def new_board(cfg: BenchConfig, threads: int) -> dict[str, Any]:
     """An empty scoreboard for a run starting now."""
     import torch
 
-    import mechscope
-
     return {
         "schema": SCHEMA, "mechscope": mechscope.__version__, "torch": torch.__version__,
         "device": cfg.device, "seed": cfg.seed, "started": utc_now(), "seconds": 0.0,
@@ -235,8 +235,6 @@ def _close_log(log: logging.Logger, handlers: list[logging.Handler]) -> None:
 
 
 def _write_report(board: dict[str, Any], out: Path, stream: TextIO) -> None:
-    from mechscope.report import write_report
-
     try:
         write_report(board, out)
     except Exception as e:  # noqa: BLE001 - the scoreboard is written; say why the page is not

@@ -29,6 +29,29 @@ from typing import Any
 import torch
 
 from mechscope.bench import Result, check
+from mechscope.bench.sae_causal import score_features, train_site_sae
+from mechscope.causal.compare import SearchSettings, compare
+from mechscope.causal.das import FitConfig
+from mechscope.core.run import cache
+from mechscope.sae.arch import SAEConfig
+from mechscope.sae.evals import (
+    cosine_matrix,
+    density_histogram,
+    evaluate,
+    matched_correlation,
+    mmcs,
+    recovered_fraction,
+)
+from mechscope.sae.featurizer import SAEFeaturizer
+from mechscope.sae.io import load_sae, read_sae_metadata
+from mechscope.sae.train import TrainConfig
+from mechscope.tasks import (
+    hierarchical_equality as he,
+    price_tagging as pt,
+    sae_synthetic as recipes,
+    sae_worlds as worlds,
+)
+from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeatures
 
 SYN = "synthetic_features"
 HE = "hierarchical_equality"
@@ -38,10 +61,6 @@ HE = "hierarchical_equality"
 @functools.lru_cache(maxsize=2)
 def _synthetic(full: bool) -> dict[str, Any]:
     """Both reference dictionaries: shipped (default) or retrained (``--full``), with scores."""
-    from mechscope.sae import recipes
-    from mechscope.sae.io import load_sae, read_sae_metadata
-    from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeatures
-
     out = {}
     for name, auxk in (("auxk", True), ("no_auxk", False)):
         if full:
@@ -57,14 +76,10 @@ def _synthetic(full: bool) -> dict[str, Any]:
 
 
 def _cosines(entry: dict[str, Any]) -> torch.Tensor:
-    from mechscope.sae.evals import cosine_matrix
-
     return cosine_matrix(entry["world"].features, entry["sae"].W_dec).max(dim=1).values  # [n_features]
 
 
 def _synthetic_rows(entry: dict[str, Any]) -> dict[str, float]:
-    from mechscope.sae.evals import matched_correlation, mmcs, recovered_fraction
-
     w, truth = entry["sae"].W_dec, entry["world"].features
     last = entry["history"][-1]
     return {"mmcs": mmcs(truth, w), "mcc": matched_correlation(truth, w), "recovered_fraction": recovered_fraction(truth, w),
@@ -122,8 +137,6 @@ def synthetic_topk_no_auxk(ctx) -> list[Result]:
        description="ablation (reported, --full only): the same two SAEs with an encoder started at random "
                    "directions instead of W_dec^T (the tied start of OpenAI, sparsify, SAELens and dictionary_learning)")
 def synthetic_topk_untied(ctx) -> list[Result]:
-    from mechscope.sae import recipes
-
     scores = {auxk: recipes.train_synthetic(auxk, tied_init=False)[2] for auxk in (False, True)}
     detail = {"setting": "full", "init": "untied", "d_sae": 1024, "k": 5, "steps": 3000}
     return [Result(scores[False]["mmcs"], detail=detail),
@@ -143,10 +156,6 @@ def _metric_rows(entry: dict[str, Any], full: bool) -> list[Result]:
 # -- toy worlds: CE loss recovered --------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _toy(world: str, arch: str, full: bool) -> dict[str, Any]:
-    from mechscope.core.run import cache
-    from mechscope.sae import worlds
-    from mechscope.sae.evals import density_histogram, evaluate
-
     if full:
         w = worlds.load_world(world)
         result = worlds.train_toy_sae(w, arch)
@@ -222,27 +231,19 @@ HE_SAE = dict(d_sae=64, k=4, steps=2000, batch_size=1024)  # 4x the 16 hidden un
 @functools.lru_cache(maxsize=2)
 def _he_table(seed: int, full: bool) -> dict[str, Any]:
     """IIA at hidden layer 0 of DAS, neurons (search and masking), SAE features (same), random subspace."""
-    from mechscope.causal.compare import SearchSettings, compare
-    from mechscope.causal.das import FitConfig
-    from mechscope.sae.arch import SAEConfig
-    from mechscope.sae.causal_scoring import score_features, train_site_sae
-    from mechscope.sae.featurizer import SAEFeaturizer
-    from mechscope.sae.train import TrainConfig
-    from mechscope.tasks import hierarchical_equality as task
-
     n_train, n_test = (50_000, 4000) if full else (10_000, 1000)
     fit = FitConfig(epochs=20 if full else 10, seed=seed)
     search = SearchSettings(n=1000, sizes=tuple(range(1, 9))) if full else SearchSettings(n=200, sizes=(1, 2, 4, 8))
-    model = task.train(task.TrainConfig(seed=seed), log=lambda *a: None)[0] if full else task.load_model()
-    site = task.site(0)
-    train_sets = {w: task.counterfactuals(n_train, 7000 + 10 * seed + i, w) for i, w in enumerate(task.INTERVENTIONS)}
-    tests = {w: task.counterfactuals(n_test, 7100 + 10 * seed + i, w) for i, w in enumerate(task.INTERVENTIONS)}
-    table = compare(model, train_sets, tests, site, task.VARIABLES, 8, ("das", "neurons", "dbm"), fit=fit, search=search)
-    sample = lambda n, gen: task.to_model_inputs(task.sample(n, gen))  # noqa: E731 - the task's input distribution
+    model = he.train(he.TrainConfig(seed=seed), log=lambda *a: None)[0] if full else he.load_model()
+    site = he.site(0)
+    train_sets = {w: he.counterfactuals(n_train, 7000 + 10 * seed + i, w) for i, w in enumerate(he.INTERVENTIONS)}
+    tests = {w: he.counterfactuals(n_test, 7100 + 10 * seed + i, w) for i, w in enumerate(he.INTERVENTIONS)}
+    table = compare(model, train_sets, tests, site, he.VARIABLES, 8, ("das", "neurons", "dbm"), fit=fit, search=search)
+    sample = lambda n, gen: he.to_model_inputs(he.sample(n, gen))  # noqa: E731 - the task's input distribution
     sae_cfg = SAEConfig(d_in=16, d_sae=HE_SAE["d_sae"], arch="topk", k=HE_SAE["k"])
     trained = train_site_sae(model, sample, site, sae_cfg, TrainConfig(steps=HE_SAE["steps"], batch_size=HE_SAE["batch_size"],
                                                                        progress=False, seed=seed), seed=seed)
-    sae_res = score_features(model, SAEFeaturizer(trained.sae), train_sets, tests, site, task.VARIABLES, search, fit)
+    sae_res = score_features(model, SAEFeaturizer(trained.sae), train_sets, tests, site, he.VARIABLES, search, fit)
     table.update({"sae_search": sae_res["search"], "sae_dbm": sae_res["dbm"]})
     return {"table": table, "tests": list(tests), "sae_fvu": trained.history[-1]["fvu"], "sae_l0": trained.history[-1]["l0"],
             "setting": "full" if full else "reduced", "n_train": 3 * n_train, "n_test": n_test}
@@ -326,29 +327,21 @@ def _pt_table(seed: int, n_train: int = 20_000, n_test: int = 4000, epochs: int 
 
     The defaults are the published sizes (``--full``); smaller ones give a quick smoke run.
     """
-    from mechscope.causal.compare import SearchSettings, compare
-    from mechscope.causal.das import FitConfig
-    from mechscope.sae.arch import SAEConfig
-    from mechscope.sae.causal_scoring import score_features, train_site_sae
-    from mechscope.sae.featurizer import SAEFeaturizer
-    from mechscope.sae.train import TrainConfig
-    from mechscope.tasks import price_tagging as task
-
-    model = task.train(task.TrainConfig(seed=seed), log=lambda *a: None)[0] if retrain else task.load_model()
+    model = pt.train(pt.TrainConfig(seed=seed), log=lambda *a: None)[0] if retrain else pt.load_model()
     fit, search = FitConfig(epochs=epochs, batch_size=256, seed=seed), SearchSettings(n=search_n, sizes=(1, 2, 4, 8))
-    train_sets = {"L": task.counterfactuals(n_train, 7300 + seed, "L")}
-    tests = {"L": task.counterfactuals(n_test, 7400 + seed, "L")}
-    sample = lambda n, gen: task.to_model_inputs(task.sample(n, gen))  # noqa: E731
+    train_sets = {"L": pt.counterfactuals(n_train, 7300 + seed, "L")}
+    tests = {"L": pt.counterfactuals(n_test, 7400 + seed, "L")}
+    sample = lambda n, gen: pt.to_model_inputs(pt.sample(n, gen))  # noqa: E731
     layers = {}
-    for layer in range(task.MODEL.n_layers):
-        site = task.site(layer)
-        table = compare(model, train_sets, tests, site, ("L",), 8, ("boundless", "neurons"), readout=task.readout,
+    for layer in range(pt.MODEL.n_layers):
+        site = pt.site(layer)
+        table = compare(model, train_sets, tests, site, ("L",), 8, ("boundless", "neurons"), readout=pt.readout,
                         fit=fit, search=search)
-        sae_cfg = SAEConfig(d_in=task.MODEL.d_model, d_sae=256, arch="topk", k=8)
+        sae_cfg = SAEConfig(d_in=pt.MODEL.d_model, d_sae=256, arch="topk", k=8)
         trained = train_site_sae(model, sample, site, sae_cfg, TrainConfig(steps=sae_steps, batch_size=1024, progress=False,
                                                                             seed=seed), n_rows=50_000, seed=seed)
         sae_res = score_features(model, SAEFeaturizer(trained.sae), train_sets, tests, site, ("L",), search, fit,
-                                 readout=task.readout)
+                                 readout=pt.readout)
         table.update({"sae_search": sae_res["search"], "sae_dbm": sae_res["dbm"]})
         layers[layer] = {"table": table, "fvu": trained.history[-1]["fvu"]}
     return layers

@@ -8,7 +8,8 @@
   :mod:`~mechscope.causal.boundless` (Boundless DAS), :mod:`~mechscope.causal.dbm` (binary masks),
   :mod:`~mechscope.causal.search` (brute-force / greedy localist search), :mod:`~mechscope.causal.baselines`
   (random subspace, full vector, PCA), :mod:`~mechscope.causal.compare` (all of them with their controls).
-- :mod:`~mechscope.causal.engine` / :mod:`~mechscope.causal.tail` -- running only the network after a site.
+- :mod:`~mechscope.causal.engine` -- running only the network after a site (the replay of
+  :mod:`mechscope.core.replay`).
 - :mod:`~mechscope.causal.persist` -- ``save_alignment`` / ``load_alignment``.
 
 Classes and helpers whose names are not module names load on first use
@@ -19,8 +20,7 @@ functions named like their modules come from the modules
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mechscope.core.lazy import lazy_exports
 
 _EXPORTS = {
     "CausalModel": "model", "Variable": "model", "CausalModelError": "model",
@@ -33,14 +33,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mechscope.causal' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mechscope.causal.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})

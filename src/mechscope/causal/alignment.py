@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mechscope.core.featurize import Featurizer, FeaturizerError, Identity, _Linear
+from mechscope.core.featurize import Featurizer, FeaturizerError, Identity, LinearFeaturizer
 from mechscope.core.intervene import FeatureInterchange
 from mechscope.core.site import Site
 
@@ -159,7 +159,7 @@ def interchange_features(featurizer: Featurizer, features: Sequence[int] | None,
     if base.shape[-1] != featurizer.d:
         raise FeaturizerError(f"{type(featurizer).__name__} expects activations of width {featurizer.d}, "
                               f"got width {base.shape[-1]}; build it with d={base.shape[-1]}")
-    if isinstance(featurizer, _Linear):
+    if isinstance(featurizer, LinearFeaturizer):
         basis = featurizer.basis().to(base.dtype)  # [d, k]
         if features is not None:
             basis = _columns(basis, features)  # [d, |S|]

@@ -10,7 +10,7 @@ in, in the alignment's order, and returns the readout's logits ``[batch, classes
   through the core's hooked ``run`` (the reference; works on any model).
 - :class:`TailEngine` computes everything before the site once (the base's whole
   activation there, every source's view) and then runs only the modules after the site
-  (:mod:`mechscope.causal.tail`): the same numbers, an order of magnitude less work.
+  (:mod:`mechscope.core.replay`): the same numbers, an order of magnitude less work.
 
 :func:`make_engine` picks the tail engine when the model allows it (``"auto"``).
 """
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mechscope.causal.alignment import Mixer
 from mechscope.causal.counterfactual import CounterfactualData, batch_len, take
-from mechscope.causal.tail import TailError, no_cache, output_logits, plan_tail
+from mechscope.core.replay import ReplayError, no_cache, output_logits, plan_tail
 from mechscope.core.run import batch_info, cache, run
 from mechscope.core.site import Site
 
@@ -130,11 +130,11 @@ class TailEngine:
         self.n = len(data)
         keys = {s.module_key for s in self.places.values()}
         if len(keys) != 1:
-            raise TailError(f"the variables' sites are at {len(keys)} different modules {sorted(map(str, keys))}; "
+            raise ReplayError(f"the variables' sites are at {len(keys)} different modules {sorted(map(str, keys))}; "
                             "the tail engine needs them at one module")
         path, io, element, rows_of = keys.pop()
         if rows_of is not None:
-            raise TailError(f"the variables' site {path!r} runs on flattened rows; the tail engine replays from a "
+            raise ReplayError(f"the variables' site {path!r} runs on flattened rows; the tail engine replays from a "
                             "[batch, pos, ...] activation: use engine='full' or a site on the block")
         self.anchor_site = Site(path, io, element)
         example = take(data.base, torch.arange(min(4, self.n)))
@@ -191,7 +191,7 @@ def make_engine(model: nn.Module, data: CounterfactualData, places: Mapping[str,
         return FullEngine(model, data, places, readout)
     try:
         return TailEngine(model, data, places, readout)
-    except TailError as e:
+    except ReplayError as e:
         if kind == "tail":
             raise
         log.info("running full forwards for every step: %s", e)

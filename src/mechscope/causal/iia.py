@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mechscope.causal.alignment import Alignment, Mixer
 from mechscope.causal.counterfactual import CounterfactualData, CounterfactualError, batch_len, take
 from mechscope.causal.engine import Engine, Readout, identity_readout, make_engine
-from mechscope.causal.tail import reference_logits
+from mechscope.core.replay import reference_logits
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@
 The core's :class:`~mechscope.core.featurize.Subspace` keeps its basis orthonormal with
 ``torch.nn.utils.parametrizations.orthogonal``: every step recomputes a matrix
 exponential (or a product of Householder reflections) forward and backward, which costs
-more than the whole rest of a DAS step on a small network (0.5-3 ms for d = 16..64 on
-one CPU thread). :class:`StiefelSubspace` holds the basis ``W [d, k]`` as a plain
+more than the whole rest of a DAS step on a small network (timings: ``docs/results.md``).
+:class:`StiefelSubspace` holds the basis ``W [d, k]`` as a plain
 parameter instead and, after each optimiser step, maps it back onto the orthonormal
-matrices with a QR decomposition (a *retraction*; the "QR re-orthonormalisation" of the
-DAS spec), ~10 us. Between steps the basis is exactly orthonormal, so it is a
+matrices with one QR decomposition (a *retraction*; the "QR re-orthonormalisation" of the
+DAS spec), far cheaper. Between steps the basis is exactly orthonormal, so it is a
 featurizer like any other (``encode``/``decode`` round-trip, interchange in its basis).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.featurize import _Linear, check_subspace_shape
+from mechscope.core.featurize import LinearFeaturizer, check_subspace_shape
 
 
 def orthonormalize(w: Tensor) -> Tensor:
@@ -26,7 +26,7 @@ def orthonormalize(w: Tensor) -> Tensor:
     return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-class StiefelSubspace(_Linear):
+class StiefelSubspace(LinearFeaturizer):
     """Orthonormal ``W [d, k]`` (``k = d``: a full rotation), re-orthonormalised by :meth:`retract`."""
 
     def __init__(self, d: int, k: int, init: Tensor | None = None, seed: int | None = None,

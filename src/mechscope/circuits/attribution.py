@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mechscope.circuits.patching import (Cell, Direction, Metric, PatchResult, _positions_ok, base_and_source,
-                                         ablation_name, by_site, model_output, normalised_score)
+from mechscope.circuits.patching import (Cell, Direction, Metric, PatchResult, ablation_name, base_and_source,
+                                         by_site, check_positions, normalised_score)
 from mechscope.circuits.readout import Head, find_head, read_positions
-from mechscope.core.run import HookCall, NonFiniteActivationError, run
+from mechscope.core.run import HookCall, NonFiniteActivationError, logits_of, run
 
 
 class GradCapture:
@@ -70,7 +70,7 @@ def _forward_backward(model: nn.Module, inputs: Any, captures: dict, metric: Met
             m = metric(head(kept[head.anchor], readout, inputs))
         else:
             out, _ = run(model, inputs, captures, check_finite=False)
-            m = metric(read_positions(model_output(out), readout))
+            m = metric(read_positions(logits_of(out), readout))
         if not isinstance(m, Tensor) or m.numel() != 1 or not m.requires_grad:
             raise ValueError("attribution patching needs a differentiable scalar metric of the model's output "
                              "(a tensor built from the logits, mean over the batch)")
@@ -96,12 +96,12 @@ def attribution_patching(model: nn.Module, clean: Any, corrupt: Any, cells: Sequ
     with torch.no_grad():  # one forward on the source: its output, its activations, and a check of the head
         out, src = run(model, source, cache=list(dict.fromkeys(sites + ([head.anchor] if head else []))),
                        check_finite=False)  # the estimates are checked at the end
-        logits = read_positions(model_output(out), readout)
+        logits = read_positions(logits_of(out), readout)
         m_source = float(metric(logits))
         if head is not None and not head.reproduces(src[head.anchor], readout, source, logits):
             head = None
     m_base, acts, grads = site_gradients(model, base, sites, metric, readout, head)
-    _positions_ok(cells, acts)
+    check_positions(cells, acts)
     values = [0.0] * len(cells)
     for site, mine in by_site(cells).items():
         # (a_source − a_base) · ∂M/∂a, summed over everything but position (and over the batch)

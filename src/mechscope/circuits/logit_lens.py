@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core import aliases
-from mechscope.core.run import find_module, run
+from mechscope.core.run import find_module, logits_of, run
 from mechscope.core.site import Site
 from mechscope.core.structure import ModelStructure, StructureError, structure
 
@@ -86,7 +86,7 @@ def direct_logit_attribution(model: nn.Module, inputs: Any, tokens: Tensor, posi
     final = aliases.resid_post(s, s.n_layers - 1)
     with torch.no_grad():
         out, acts = run(model, inputs, cache=[site for _, site in parts] + [final])
-        logits = (out.logits if hasattr(out, "logits") else out)[:, position]  # [batch, vocab]
+        logits = logits_of(out)[:, position]  # [batch, vocab]
         x = _at(acts[final], position)  # [batch, d]
         scale, beta, centres = _norm_linear(norm, x)
         w_u = unembed.weight.detach()  # [vocab, d]

@@ -27,6 +27,7 @@ corrupt batches must have the same shape, as patching needs aligned positions).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -35,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.circuits import suffix
-from mechscope.core.run import HookCall, cache, call_model, run
+from mechscope.core.replay import Replay, ReplayError, plan_tail
+from mechscope.core.run import HookCall, cache, call_model, logits_of, run
 from mechscope.core.site import Site, SiteError
 
 Direction = Literal["denoise", "noise"]
@@ -171,7 +173,8 @@ def by_site(cells: Sequence[Cell]) -> dict[Site, list[int]]:
     return out
 
 
-def _positions_ok(cells: Sequence[Cell], acts: dict[Site, Tensor]) -> None:
+def check_positions(cells: Sequence[Cell], acts: dict[Site, Tensor]) -> None:
+    """An error naming the cell whose position lies outside its site's activation ``acts[site]``."""
     for site, idx in by_site(cells).items():
         a = acts[site]
         for i in idx:
@@ -181,13 +184,8 @@ def _positions_ok(cells: Sequence[Cell], acts: dict[Site, Tensor]) -> None:
                                 f"(positions index dim 1 of [batch, pos, ...])")
 
 
-def model_output(out: Any) -> Any:
-    """What a metric sees: the logits of a Hugging Face output, any other output as it is."""
-    return out.logits if hasattr(out, "logits") and isinstance(out.logits, Tensor) else out
-
-
 def _metric(metric: Metric, out: Any) -> float:
-    value = metric(model_output(out))
+    value = metric(logits_of(out))
     value = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
     if value.numel() != 1:
         raise ValueError(f"the metric must return a scalar (mean over the batch), got shape {list(value.shape)}")
@@ -205,7 +203,7 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     only positions >= p of the blocks after it, from the base run's keys and values
     (:mod:`mechscope.circuits.suffix`); elsewhere (Hugging Face models, ...) it runs the
     blocks after it on the base run's activation with the patch written in
-    (:mod:`mechscope.causal.tail`). Both check that their replay reproduces the model's own
+    (:mod:`mechscope.core.replay`). Both check that their replay reproduces the model's own
     logits; where one cannot, the full forward is used: the numbers are the same.
     ``readout``: the positions whose logits the metric reads (it then gets ``[batch,
     len(readout), vocab]``); replays apply the final norm and unembedding there only.
@@ -214,7 +212,7 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     values = torch.empty(len(cells), dtype=torch.float64)
     with torch.no_grad():
         out_source, src = run(model, source, cache=sites)  # the source's metric and activations
-        _positions_ok(cells, src)
+        check_positions(cells, src)
         out_base, fast, state, base_acts = _base_run(model, base, cells, replay_tail)
         m_base, m_source = _metric(metric, _read(out_base, readout)), _metric(metric, _read(out_source, readout))
         m_clean, m_corrupt = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
@@ -232,9 +230,8 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
                            score, k_max, b, readout)
         left = set(rest)
         for site, tail in tails.items():
-            if tail is not None:
-                _patch_by_tail(tail, site, src[site], [c if i in left else None for i, c in enumerate(cells)],
-                               metric, values, k_max, b, readout)
+            _patch_by_tail(tail, site, src[site], [c if i in left else None for i, c in enumerate(cells)],
+                           metric, values, k_max, b, readout)
     return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction))
 
 
@@ -250,7 +247,7 @@ def _base_run(model: nn.Module, base: Any, cells: Sequence[Cell], replay_tail: b
     out, acts = run(model, base, cache=list(dict.fromkeys([*fast, *suffix.base_sites(model, first)])),
                     check_finite=False)
     site0 = next(iter(fast))
-    state = suffix.plan(model, base, first, acts, model_output(out), (fast[site0], acts[site0]))
+    state = suffix.plan(model, base, first, acts, logits_of(out), (fast[site0], acts[site0]))
     return (out, fast, state, acts) if state is not None else (out, {}, None, {})
 
 
@@ -281,51 +278,41 @@ def _suffix_sites(model: nn.Module, cells: Sequence[Cell]) -> dict[Site, int]:
     return out
 
 
-def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Any]:
+def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Replay]:
     """Verified replays of the blocks after each residual-stream site, from one precompute.
 
-    The first block site's tail (:func:`mechscope.causal.tail.plan_tail`, verified against
+    The first block site's tail (:func:`mechscope.core.replay.plan_tail`, verified against
     the model's own logits) records every later block's arguments; the tails of later
     sites reuse those records with their own base activation. Sites that are not a whole
-    block input or output (or a model the tail cannot replay) get None: full forwards.
+    block input or output (or a model the tail cannot replay) are left out: full forwards.
     """
-    import inspect
-
-    from mechscope.causal.tail import TailError, TailPlan, TailState, plan_tail
-
     whole = [s for s in sites if s.heads is None and s.features is None]
     params = inspect.signature(model.forward).parameters
     if isinstance(base, Tensor) and "use_cache" in params:  # a KV cache must not be recorded and replayed
         base = {next(iter(params)): base, "use_cache": False}
-    states: dict[Site, Any] = {}
     first = None
     for site in whole:
         try:
-            plan = plan_tail(model, site, base)
-        except TailError:
+            tail = plan_tail(model, site, base)
+        except ReplayError:
             continue
-        if plan.kind == "blocks":
-            first = (site, plan)
+        if tail.kind == "blocks":
+            first = (site, tail)
             break
     if first is None:
-        return states
-    site0, plan0 = first
-    paths = [p for p, _ in plan0.modules]
+        return {}
+    site0, tail0 = first
+    paths = [p for p, _ in tail0.modules]
     try:
-        state0 = plan0.precompute(base)
-    except TailError:
-        return states
+        state0 = tail0.precompute(base)
+    except ReplayError:
+        return {}
     later = [s for s in whole if s != site0 and s.path in paths and s.element in (None, 0)]
     acts = cache(model, base, later) if later else {}
-    states[site0] = state0
-    for site in later:
-        k = paths.index(site.path) + (1 if site.io == "output" else 0)
-        plan = TailPlan(model, site, "blocks", plan0.modules[k:], plan0.finals)
-        states[site] = TailState(plan, acts[site], state0.records[k:], state0.logits, state0.n)
-    return states
+    return {site0: state0, **{site: state0.later(site, acts[site]) for site in later}}
 
 
-def _patch_by_tail(state: Any, site: Site, source: Tensor, cells: Sequence[Cell], metric: Metric,
+def _patch_by_tail(state: Replay, site: Site, source: Tensor, cells: Sequence[Cell | None], metric: Metric,
                    values: Tensor, k_max: int, b: int, readout: Sequence[int] | None) -> None:
     """Patch the cells at ``site`` by writing into the base activation and replaying the tail."""
     mine = [i for i, c in enumerate(cells) if c is not None and c.site == site]
@@ -335,32 +322,14 @@ def _patch_by_tail(state: Any, site: Site, source: Tensor, cells: Sequence[Cell]
         k = len(chunk)
         x = state.anchor.repeat(k, *([1] * (state.anchor.dim() - 1)))  # [k*batch, pos, d]
         x = _CellWrites(source, list(range(k)), [cells[i].position for i in chunk], k)(x, call)
-        logits = _replay(state, x, torch.arange(b).repeat(k), readout)
+        logits = state.replay(x, torch.arange(b).repeat(k), readout)  # [k*batch, n_readout, vocab]
         for j, i in enumerate(chunk):
             values[i] = _metric(metric, logits[j * b:(j + 1) * b])
 
 
-def _replay(state: Any, x: Tensor, idx: Tensor, readout: Sequence[int] | None) -> Tensor:
-    """The tail's blocks on ``x`` (rows ``idx`` of the recorded arguments), then the final
-    norm and unembedding at the ``readout`` positions only (all when None)."""
-    from mechscope.causal.tail import slice_rows
-
-    if state.plan.kind != "blocks" or readout is None:
-        out = state.replay(x, idx)
-        return out if readout is None else out[:, list(readout)]
-    for (_, module), (args, kwargs) in zip(state.plan.modules, state.records):
-        args, kwargs = slice_rows(args, idx, state.n), slice_rows(kwargs, idx, state.n)
-        out = module(x, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": x})
-        x = out if isinstance(out, Tensor) else out[0]
-    x = x[:, list(readout)]  # [rows, n_readout, d_model]
-    for _, module in state.plan.finals:
-        x = module(x)
-    return x
-
-
 def _read(out: Any, readout: Sequence[int] | None) -> Any:
     """The model's output as a metric sees it: logits, at the readout positions when given."""
-    out = model_output(out)
+    out = logits_of(out)
     return out if readout is None else out[:, list(readout)]
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core import aliases
+from mechscope.core.replay import chain, error_scale
 from mechscope.core.site import Site
 
 
@@ -43,9 +44,7 @@ class Head:
             mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
             empty = stream.new_empty(stream.shape[0], 0, self.last_block.attn.k.out_features)
             x = self.last_block.forward_from(stream, (empty, empty), mask, torch.tensor([r % t for r in readout]))
-        for module in self.modules:
-            x = module(x)
-        return x
+        return chain(self.modules, x)
 
     def reproduces(self, stream: Tensor, readout: Sequence[int], inputs: Any, logits: Tensor) -> bool:
         """Whether the head on ``stream`` gives ``logits`` (the model's own, at the readout),
@@ -61,8 +60,8 @@ class Head:
             return False
         if not isinstance(got, Tensor) or got.shape != logits.shape:
             return False
-        err = float((got.double() - logits.double()).abs().max())
-        return err <= 1e-4 * (1.0 + float(logits.double().abs().max()))
+        err, scale = error_scale(got, logits)
+        return err <= 1e-4 * scale
 
 
 def find_head(model: nn.Module, sites: Sequence[Site] = ()) -> Head | None:

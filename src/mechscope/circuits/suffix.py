@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.replay import chain, error_scale
 from mechscope.core.site import Site
 
 # a chunk of cells at positions s .. s+c-1 is computed from s (copies patched later
@@ -105,7 +106,7 @@ class SuffixState:
             if j < len(blocks):
                 mask = None if self.key_mask is None else self.key_mask.repeat(x.shape[0] // b, 1)  # [rows, pos]
                 x = blocks[j].forward_from(x, self.past(j, s), mask, queries if j == len(blocks) - 1 else None)
-        new = self.model.unembed(self.model.ln_final(x))  # [rows, len(late), vocab]
+        new = chain((self.model.ln_final, self.model.unembed), x)  # [rows, len(late), vocab]
         if len(late) == len(read):
             return new
         early = [n for n, r in enumerate(read) if r < s]
@@ -131,8 +132,8 @@ def plan(model: nn.Module, base: Any, first: int, acts: dict[Site, Tensor], logi
     s = logits.shape[1] // 2
     with torch.no_grad():
         got = one.logits_from([(block, act[:1, s:])], s, None)  # [1, pos, vocab]
-    err = float((got.double() - logits[:1].double()).abs().max())
-    return state if err <= 1e-4 * (1.0 + float(logits[:1].double().abs().max())) else None
+    err, scale = error_scale(got, logits[:1])
+    return state if err <= 1e-4 * scale else None
 
 
 Cells = Sequence[tuple[int, int, int]]  # (cell index, start block, position)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mechscope.cli import UsageError
-from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+from mechscope.core.config import Config, add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = """\
 Find where a built-in task's high-level variables live in its trained network.
@@ -34,21 +34,16 @@ class DasConfig(Config):
     method: Literal["das", "rotation", "boundless", "dbm", "neurons", "pca"] = param("das", help="alignment method")
     layer: int = param(0, help="hidden layer (MLP) or block (transformer) whose output is searched")
     position: Optional[int] = param(None, metavar="POS", help="token position for transformers (default: last)")
-    dims: int = param(8, help="dimensions per variable (das, rotation, and the random-subspace control)")
+    dims: int = param(8, ge=1, help="dimensions per variable (das, rotation, and the random-subspace control)")
     variables: tuple[str, ...] = param((), metavar="VAR[,VAR...]", help="variables to align (default: the task's)")
-    n_train: int = param(10_000, help="training examples per intervention kind")
-    n_test: int = param(1000, help="test examples per intervention kind")
-    epochs: int = param(10, help="training epochs")
-    batch_size: int = param(1024, help="examples per step")
+    n_train: int = param(10_000, ge=1, help="training examples per intervention kind")
+    n_test: int = param(1000, ge=1, help="test examples per intervention kind")
+    epochs: int = param(10, ge=1, help="training epochs")
+    batch_size: int = param(1024, ge=1, help="examples per step")
     lr: float = param(1e-2, help="Adam learning rate")
     seed: int = param(0, help="seed of the data and the initialisation")
     out: Optional[Path] = param(None, metavar="DIR", help="where to write the alignment (default: das-out/TASK-METHOD-LAYER)")
     controls: bool = param(True, help="also report the random-subspace and full-vector controls")
-
-    def validate(self) -> None:
-        for name in ("dims", "n_train", "n_test", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

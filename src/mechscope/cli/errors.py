@@ -79,10 +79,10 @@ def shipped_advice(e: BaseException) -> str | None:
     path = getattr(e, "path", None)
     if not isinstance(e, CheckpointError) or path is None or not shipped_file(path):
         return None
-    from mechscope.cli.train import TRAINABLE
+    from mechscope.tasks.registry import names as task_names
 
     stem = Path(path).name.split(".")[0]
-    names = [n for n in TRAINABLE if stem == n or stem.startswith(n + "_")]
+    names = [n for n in task_names() if stem == n or stem.startswith(n + "_")]
     command = f"`mechscope train {max(names, key=len)}`" if names else "`mechscope train NAME` (see --list)"
     return (f"{path}: {e.problem}. It ships with mechscope: rebuild it with {command}, or reinstall mechscope "
             "to restore the original")

@@ -13,35 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from mechscope.cli import UsageError
-from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+from mechscope.cli.model_source import ModelSource, check_inputs, load, resolve_site
+from mechscope.core.config import add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 @config
-class ProbeConfig(Config):
+class ProbeConfig(ModelSource):
     """Options of ``mechscope probe``."""
 
-    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (default: the dataset's own)")
-    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    FIELD_HELP = {"model": "a built-in model (default: the dataset's own)"}
+
     data: str = param("steering_toy", metavar="NAME_OR_JSONL", help="steering_toy, othello, or a JSON-lines file")
     site: str = param("resid_post.1", help="site alias (resid_post.L, mlp_hidden.L, ...) or module path")
     coding: Literal["relative", "absolute"] = param("relative", help="othello: square states relative to the mover, or absolute")
-    n: int = param(1000, help="examples drawn from a built-in dataset")
+    n: int = param(1000, ge=20, help="examples drawn from a built-in dataset")
     controls: bool = param(True, help="also fit the control task and shuffled labels")
     mdl: bool = param(False, help="also compute the online codelength (binary or multi-class, one task)")
-    sparse_k: int = param(0, metavar="K", help="also fit k-sparse probes with K neurons (binary labels)")
+    sparse_k: int = param(0, ge=0, metavar="K", help="also fit k-sparse probes with K neurons (binary labels)")
     seed: int = param(0, help="seed for data and splits")
     json: bool = param(False, help="print JSON")
-
-    def validate(self) -> None:
-        if self.model is not None and self.hf_config is not None:
-            raise ConfigError("give at most one of --model and --hf-config")
-        if self.n < 20 or self.sparse_k < 0:
-            raise ConfigError("--n must be >= 20 and --sparse-k >= 0")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,34 +44,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, ProbeConfig)
     return parser
-
-
-def load_model(model: Optional[str], hf_config: Optional[str], default: str) -> Any:
-    """A built-in model by name, or a random HF causal LM from a config (usage errors for bad names)."""
-    from mechscope.cli.sites import SitesConfig
-    from mechscope.cli.sites import load_model as load
-
-    if hf_config is not None:
-        return load(SitesConfig(hf_config=hf_config))
-    return load(SitesConfig(model=model or default))
-
-
-def check_inputs(model: Any, inputs: Any, data: str) -> None:
-    """Token ids of ``--data`` checked against the model's vocabulary before any forward."""
-    from mechscope.core.jsonl import check_token_ids, vocab_size
-
-    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
-    check_token_ids(ids, vocab_size(model), f"--data {data}")
-
-
-def resolve_site(model: Any, spec: str, **fields: Any) -> Any:
-    from mechscope.core.models import resolve
-    from mechscope.core.site import SiteError
-
-    try:
-        return resolve(model, spec, **fields)
-    except (SiteError, ValueError) as e:
-        raise UsageError(f"cannot use site {spec!r}: {e}") from None
 
 
 def dataset(cfg: ProbeConfig, model: Any) -> tuple[Any, Any, Any, Any]:
@@ -109,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(ProbeConfig, args)
     import torch
 
-    from mechscope.probe.collect import activations
+    from mechscope.core.collect import activations
     from mechscope.probe.control import probe_with_controls
     from mechscope.probe.linear import ProbeError, train_probe
 
     default = "othello" if cfg.data == "othello" else "steering_toy"
-    model = load_model(cfg.model, cfg.hf_config, default)
+    model, _ = load(cfg, default)
     inputs, labels, types, positions = dataset(cfg, model)
     check_inputs(model, inputs, cfg.data)
     site = resolve_site(model, cfg.site, positions=positions if isinstance(positions, list) else

@@ -18,38 +18,32 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mechscope.cli import UsageError
-from mechscope.cli.probe import load_model, resolve_site
-from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+from mechscope.cli.model_source import ModelSource, load, resolve_site
+from mechscope.core.config import add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 @config
-class ReftConfig(Config):
+class ReftConfig(ModelSource):
     """Options of ``mechscope reft``."""
 
-    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (default: instructions)")
-    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    FIELD_HELP = {"model": "a built-in model (default: instructions)"}
+
     data: str = param("instructions", metavar="NAME_OR_JSONL", help="instructions or a JSON-lines file")
     kind: Literal["loreft", "direft"] = param("loreft", help="the intervention")
-    rank: int = param(4, help="rank r of the intervention")
+    rank: int = param(4, ge=1, help="rank r of the intervention")
     positions: str = param("f2+l2", help="first / last prompt tokens to intervene at, e.g. f2+l2, l1")
     layers: tuple[int, ...] = param((), metavar="L[,L...]", help="blocks whose input is intervened (default: all)")
-    steps: int = param(400, help="training steps")
-    lr: float = param(1e-2, help="learning rate (AdamW, one-cycle)")
-    batch: int = param(32, help="batch size")
+    steps: int = param(400, ge=1, help="training steps")
+    lr: float = param(1e-2, gt=0, help="learning rate (AdamW, one-cycle)")
+    batch: int = param(32, ge=1, help="batch size")
     n_train: int = param(1000, help="training examples (built-in task)")
     n_test: int = param(300, help="test and unrelated examples (built-in task)")
     compare: bool = param(False, help="run every baseline on the same data and print the table")
     save: Optional[Path] = param(None, metavar="FILE", help="write the trained intervention (safetensors)")
     seed: int = param(0, help="seed for data and initialisation")
     json: bool = param(False, help="print JSON")
-
-    def validate(self) -> None:
-        if self.model is not None and self.hf_config is not None:
-            raise ConfigError("give at most one of --model and --hf-config")
-        if self.rank < 1 or self.steps < 1 or self.batch < 1 or self.lr <= 0:
-            raise ConfigError("--rank, --steps and --batch must be >= 1 and --lr > 0")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -84,14 +78,12 @@ def task_from(cfg: ReftConfig, model: Any = None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(ReftConfig, args)
-    import torch
-
     from mechscope.core.models import structure
-    from mechscope.steer.baselines import MethodResult, _batches, compare, kl_unrelated, plain, reft_forward
-    from mechscope.steer.finetune import TrainRecipe, frozen, train_reft
-    from mechscope.steer.reft import Reft, ReftError, n_trainable, save_reft
+    from mechscope.steer.baselines import compare, reft_alone
+    from mechscope.steer.finetune import TrainRecipe, frozen
+    from mechscope.steer.reft import ReftError, save_reft
 
-    model = frozen(load_model(cfg.model, cfg.hf_config, "instructions"))
+    model = frozen(load(cfg, "instructions")[0])
     s = structure(model)
     layers = list(cfg.layers) or list(range(s.n_layers))
     sites = [resolve_site(model, f"resid_pre.{l}") for l in layers]
@@ -104,13 +96,9 @@ def run(args: argparse.Namespace) -> int:
             rows = compare(model, task, sites, s.d_model, recipe=recipe, batch_size=cfg.batch, rank=cfg.rank,
                            positions=cfg.positions, seed=cfg.seed, full_lr=1e-3)
         else:
-            torch.manual_seed(cfg.seed)
-            reft = Reft(sites, s.d_model, cfg.kind, cfg.rank, cfg.positions, cfg.seed)
-            losses = train_reft(model, reft, _batches(task, cfg.batch, cfg.seed), recipe)
-            fwd = reft_forward(model, reft)
-            kl = kl_unrelated(plain(model), fwd, task) if task.unrelated else float("nan")
-            rows = [MethodResult(cfg.kind, n_trainable(reft), task.accuracy(fwd, task.test), kl,
-                                 {"final_loss": losses[-1], "base_accuracy": task.accuracy(plain(model), task.test)})]
+            row, reft = reft_alone(model, task, sites, s.d_model, kind=cfg.kind, rank=cfg.rank,
+                                   positions=cfg.positions, recipe=recipe, batch_size=cfg.batch, seed=cfg.seed)
+            rows = [row]
             if cfg.save:
                 save_reft(cfg.save, reft)
     except ReftError as e:

@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from mechscope.bench.scoreboard import ScoreboardError, atomic_write, load_scoreboard
+    from mechscope.core.atomic import atomic_write
+    from mechscope.report.scoreboard import ScoreboardError, load_scoreboard
     from mechscope.core.paths import output_file
     from mechscope.report.html import render_report
 

@@ -36,11 +36,6 @@ share of the batches and process 0 writes the files."""
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
 
 
-def _check_threads(threads: int) -> None:
-    if threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads}")
-
-
 @config
 class DataConfig(Config):
     """Where the activations come from (exactly one source)."""
@@ -64,24 +59,16 @@ class DataConfig(Config):
 class OutputConfig(Config):
     out: Path = param(metavar="FILE", help="where to write the trained dictionary (.safetensors)")
     saelens: Optional[Path] = param(None, metavar="DIR", help="also write it as an SAELens directory")
-    threads: int = param(1, help="torch threads")
-
-    def validate(self) -> None:
-        _check_threads(self.threads)
+    threads: int = param(1, ge=1, help="torch threads")
 
 
 @config
 class EvalConfig(Config):
     sae: Path = param(metavar="PATH", help="a dictionary file, or an SAELens directory")
-    batches: int = param(10, help="batches of activations to evaluate on")
-    batch_size: int = param(4096, help="rows per batch")
+    batches: int = param(10, ge=1, help="batches of activations to evaluate on")
+    batch_size: int = param(4096, ge=1, help="rows per batch")
     json: bool = param(False, help="print JSON instead of a table")
-    threads: int = param(1, help="torch threads")
-
-    def validate(self) -> None:
-        _check_threads(self.threads)
-        if self.batches < 1 or self.batch_size < 1:
-            raise ConfigError(f"--batches and --batch-size must be >= 1, got {self.batches} and {self.batch_size}")
+    threads: int = param(1, ge=1, help="torch threads")
 
 
 @config
@@ -91,10 +78,7 @@ class PagesConfig(Config):
     out: Path = param(Path("sae-pages"), metavar="DIR", help="directory to write the pages to")
     n_features: int = param(50, help="pages for the latents active most often")
     n_examples: int = param(10, help="top examples per latent")
-    threads: int = param(1, help="torch threads")
-
-    def validate(self) -> None:
-        _check_threads(self.threads)
+    threads: int = param(1, ge=1, help="torch threads")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -134,7 +118,7 @@ def _stream(data: DataConfig, batch_size: int, kind: str = "sae") -> tuple[Any, 
         world = SyntheticFeatures()
         return world.batches(batch_size, seed=data.data_seed), world.cfg.d, None, world
     if data.world is not None:
-        from mechscope.sae.worlds import load_world
+        from mechscope.tasks.sae_worlds import load_world
 
         world = load_world(data.world)
         first = next(world.stream(8, 0))
@@ -174,7 +158,7 @@ def _train(args: argparse.Namespace, torch: Any) -> int:
 
 def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: OutputConfig, cfg: Any) -> int:
     from mechscope.sae.arch import SAEConfig
-    from mechscope.sae.ddp import finish, init_distributed, shard
+    from mechscope.core.distributed import finish, init_distributed, shard
     from mechscope.sae.io import save_sae
     from mechscope.sae.saelens import save_saelens
     from mechscope.sae.train import train
@@ -221,7 +205,7 @@ def _eval(args: argparse.Namespace, torch: Any) -> int:
     if data.synthetic:
         result.update(mmcs=mmcs(extra.features, sae.W_dec), mcc=matched_correlation(extra.features, sae.W_dec))
     if data.world is not None:
-        from mechscope.sae.worlds import score
+        from mechscope.tasks.sae_worlds import score
 
         result.update({k: v for k, v in score(extra, sae).items() if k.startswith(("ce_", "kl_", "delta"))})
     if cfg.json:
@@ -234,7 +218,7 @@ def _eval(args: argparse.Namespace, torch: Any) -> int:
 
 def _pages(args: argparse.Namespace, torch: Any) -> int:
     from mechscope.sae.pages import feature_pages
-    from mechscope.sae.worlds import load_world
+    from mechscope.tasks.sae_worlds import load_world
 
     from mechscope.core.paths import output_dir
 
@@ -244,9 +228,10 @@ def _pages(args: argparse.Namespace, torch: Any) -> int:
     sae = _load(cfg.sae)
     world = load_world(cfg.world)
     to_logits = None
-    if cfg.world == "grokking":  # MLP neurons reach the logits through the output projection and unembedding
-        mlp = world.model.blocks[0].mlp
-        to_logits = (mlp.fc_out.weight.T @ world.model.unembed.weight.T).detach()
+    if cfg.world == "grokking":  # the neurons reach the logits through W_L = W_U W_out ([p, d_mlp])
+        from mechscope.tasks.modular import neuron_to_logit
+
+        to_logits = neuron_to_logit(world.model).T  # [d_mlp, p]
     index = feature_pages(world.model, sae, world.site, world.eval_batches, cfg.out, n_features=cfg.n_features,
                           n_examples=cfg.n_examples, to_logits=to_logits)
     print(f"wrote {index}")

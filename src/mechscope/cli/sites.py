@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
-from typing import Any, Optional
+from typing import Any
 
-from mechscope.cli import UsageError
-from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+from mechscope.cli.model_source import ModelSource, load
+from mechscope.core.config import add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = """\
 List a model's named sites (embed, resid_pre.L, attn_out.L, head_out.L.H, mlp_hidden.L,
@@ -26,18 +25,14 @@ a random model is built from it, nothing is downloaded)."""
 
 
 @config
-class SitesConfig(Config):
+class SitesConfig(ModelSource):
     """Options of ``mechscope sites``."""
 
-    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (see mechscope.zoo)")
-    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON",
-                                     help="a Hugging Face config.json path, or its JSON text, with model_type")
+    model_required = True
+    FIELD_HELP = {"hf_config": "a Hugging Face config.json path, or its JSON text, with model_type"}
+
     json: bool = param(False, help="print JSON instead of tables")
     modules: bool = param(True, help="also list every module path")
-
-    def validate(self) -> None:
-        if (self.model is None) == (self.hf_config is None):
-            raise ConfigError("give exactly one of --model NAME or --hf-config PATH_OR_JSON")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(SitesConfig, args)
-    model = load_model(cfg)
+    model, _ = load(cfg)
     from mechscope.core.models import list_sites, structure
 
     s = structure(model)
@@ -62,35 +57,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(s, rows))
     return 0
-
-
-def load_model(cfg: SitesConfig) -> Any:
-    """The model the options name; bad names and configs are usage errors (exit 2)."""
-    if cfg.model is not None:
-        from mechscope import zoo
-
-        if cfg.model not in zoo.names():
-            raise UsageError(f"unknown model {cfg.model!r}; valid: {', '.join(zoo.names())}")
-        return zoo.build(cfg.model)
-    from mechscope.core.models import hf_model_from_config
-
-    try:
-        return hf_model_from_config(cfg.hf_config)
-    except (ImportError, OSError, ValueError) as e:
-        raise hf_config_error(e) from None
-
-
-def hf_config_error(e: Exception) -> UsageError:
-    """A usage error for a config transformers cannot build, in one short line (transformers'
-    own message for an unknown ``model_type`` lists every one it knows: 10 KB)."""
-    text = str(e)
-    unknown = re.search(r"(transformers \S+ )?does not know model_type ('[^']*'|\S+)", text)
-    if unknown or "Unrecognized model identifier" in text:
-        said = unknown.group(0) if unknown else "transformers does not know the config's model_type"
-        return UsageError(f"cannot build a model from --hf-config: {said}; check the spelling "
-                          "(e.g. gpt2, llama, qwen2, gemma3_text), or upgrade transformers")
-    text = " ".join(text.split())
-    return UsageError(f"cannot build a model from --hf-config: {text[:500]}{'...' if len(text) > 500 else ''}")
 
 
 def summary(s: Any) -> dict[str, Any]:

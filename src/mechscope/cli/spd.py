@@ -15,13 +15,12 @@ process draws its own batches and masks, gradients are averaged, rank 0 writes t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional
 
 from mechscope.cli import UsageError
-from mechscope.core.config import Config, ConfigError, add_config_arguments, cli_fields, config, param
+from mechscope.core.config import Config, ConfigError, add_config_arguments, cli_fields, config, config_from_args, param
 from mechscope.core.paths import output_dir
 from mechscope.spd.config import SPDConfig
 
@@ -39,8 +38,8 @@ class SPDCommandConfig(Config):
     decomposition: Optional[Path] = param(None, metavar="FILE",
                                           help="a decomposition file (default: the target's shipped one)")
     ship: bool = param(False, help="train: also write the decomposition into the package's zoo")
-    seq_len: int = param(16, help="hf-config: tokens per random sequence")
-    threads: int = param(1, help="torch threads")
+    seq_len: int = param(16, ge=2, help="hf-config: tokens per random sequence")
+    threads: int = param(1, ge=1, help="torch threads")
     json: bool = param(False, help="eval: print JSON")
 
     def validate(self) -> None:
@@ -50,8 +49,6 @@ class SPDCommandConfig(Config):
             raise ConfigError(f"unknown SPD target {self.target!r}; valid: {', '.join(TARGETS)}")
         if self.ship and self.target is None:
             raise ConfigError("--ship writes a built-in target's decomposition; it needs --target")
-        if self.seq_len < 2 or self.threads < 1:
-            raise ConfigError("--seq-len must be >= 2 and --threads >= 1")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -78,20 +75,15 @@ def _hf(cmd: SPDCommandConfig, seed: int) -> tuple[Any, Any]:
     """A random Hugging Face model and a sampler of random token batches."""
     import torch
 
-    from mechscope.core.models import hf_model_from_config
+    from mechscope.cli.model_source import ModelSource, load
 
-    from mechscope.cli.sites import hf_config_error
-
-    try:
-        model = hf_model_from_config(cmd.hf_config, seed=seed).eval()
-    except (ImportError, OSError, ValueError) as e:
-        raise hf_config_error(e) from None
+    model = load(ModelSource(hf_config=cmd.hf_config), seed=seed)[0].eval()
     vocab = int(model.config.vocab_size)
     return model, lambda b, g: {"input_ids": torch.randint(0, vocab, (b, cmd.seq_len), generator=g)}
 
 
 def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
-    from mechscope.spd import targets
+    from mechscope.tasks import spd_targets as targets
     from mechscope.spd.train import train_spd
 
     if cmd.out is None:
@@ -107,7 +99,7 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
         cfg = SPDConfig.from_dict({"recon": "kl", "batch_size": 8, **changes})
         model, data = _hf(cmd, cfg.seed)
     run = train_spd(model, data, cfg, out_dir=cmd.out)
-    from mechscope.spd.distributed import is_main
+    from mechscope.core.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 reports and ships
         return 0
@@ -126,7 +118,7 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
 
 
 def _load(cmd: SPDCommandConfig) -> tuple[Any, Any]:
-    from mechscope.spd import targets
+    from mechscope.tasks import spd_targets as targets
     from mechscope.spd.checkpoint import load_decomposition
 
     if cmd.target is not None:
@@ -144,7 +136,7 @@ def _eval(cmd: SPDCommandConfig) -> int:
 
     model, dec = _load(cmd)
     if cmd.target is not None:
-        from mechscope.spd.assess import assess, public
+        from mechscope.tasks.spd_assess import assess, public
 
         result = public(assess(cmd.target, model, dec))
     else:
@@ -165,7 +157,7 @@ def _figures(cmd: SPDCommandConfig) -> int:
     from contextlib import contextmanager
 
     from mechscope.report.figures import new_figure, to_png
-    from mechscope.spd.assess import assess, draw
+    from mechscope.tasks.spd_assess import assess, draw
 
     if cmd.target is None or cmd.out is None:
         raise UsageError("spd figures needs --target NAME and --out DIR")
@@ -187,40 +179,17 @@ def _figures(cmd: SPDCommandConfig) -> int:
     return 0
 
 
-def _init_distributed() -> None:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL on GPUs)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _leave_distributed() -> None:
-    """After a distributed run: wait for every rank (rank 0 writes last), then leave the group,
-    so no rank tears its gloo connections down while another still uses them."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def run(args: argparse.Namespace) -> int:
-    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(SPDCommandConfig)}
-    cmd = SPDCommandConfig.from_dict(data)
+    cmd = config_from_args(SPDCommandConfig, args)
     import torch
 
     torch.set_num_threads(cmd.threads)
     if args.spd_action == "train":
-        _init_distributed()
-    if args.spd_action == "train":
+        from mechscope.core.distributed import finish, init_distributed
+
+        comm = init_distributed()  # under torchrun: join the group; rank 0 writes the files
         code = _train(cmd, args)
-        _leave_distributed()
+        finish(comm)  # every rank waits for rank 0, then leaves the group
         return code
     if args.spd_action == "eval":
         return _eval(cmd)

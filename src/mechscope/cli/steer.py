@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mechscope.cli import UsageError
-from mechscope.cli.probe import check_inputs, load_model, resolve_site
-from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+from mechscope.cli.model_source import ModelSource, check_inputs, load, resolve_site
+from mechscope.core.config import add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 @config
-class SteerConfig(Config):
+class SteerConfig(ModelSource):
     """Options of ``mechscope steer``."""
 
-    model: Optional[str] = param(None, metavar="NAME", help="a built-in model (default: steering_toy)")
-    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    FIELD_HELP = {"model": "a built-in model (default: steering_toy)"}
+
     data: str = param("steering_toy", metavar="NAME_OR_JSONL", help="steering_toy or a JSON-lines file")
     site: str = param("resid_post.1", help="site (alias or module path) whose last position gives the direction")
     method: Literal["diff_of_means", "pca", "actadd", "probe"] = param("diff_of_means", help="how to find the direction")
@@ -36,17 +36,11 @@ class SteerConfig(Config):
     coeffs: tuple[float, ...] = param((0.5, 1.0, 2.0), help="coefficients for --action add (times the raw direction)")
     target_token: Optional[int] = param(None, metavar="ID", help="token whose probability measures the effect "
                                         "(steering_toy: R)")
-    n: int = param(500, help="examples per class from a built-in dataset")
+    n: int = param(500, ge=2, help="examples per class from a built-in dataset")
     save_direction: Optional[Path] = param(None, metavar="FILE", help="write the direction (safetensors)")
     save_model: Optional[Path] = param(None, metavar="FILE", help="--action orthogonalize: write the edited weights")
     seed: int = param(0, help="seed for data")
     json: bool = param(False, help="print JSON")
-
-    def validate(self) -> None:
-        if self.model is not None and self.hf_config is not None:
-            raise ConfigError("give at most one of --model and --hf-config")
-        if self.n < 2:
-            raise ConfigError("--n must be >= 2")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -75,53 +69,24 @@ def _data(cfg: SteerConfig, model: Any) -> tuple[Any, Any, Any, Optional[int]]:
 
 
 def direction(cfg: SteerConfig, model: Any, pos_in: Any, neg_in: Any, positions: Any) -> tuple[Any, Any]:
-    import torch
-
-    from mechscope.probe.collect import activations
-    from mechscope.steer import directions as d
+    """The ``--method`` direction at ``--site`` (read at ``positions``), and the site."""
+    from mechscope.core.collect import activations
+    from mechscope.steer.directions import find_direction
 
     site = resolve_site(model, cfg.site, positions=positions)
     a, b = activations(model, pos_in, site), activations(model, neg_in, site)
-    if cfg.method == "diff_of_means":
-        return d.diff_of_means(a, b), site
-    if cfg.method == "probe":
-        y = torch.cat([torch.ones(len(a)), torch.zeros(len(b))]).long()
-        return d.probe_direction(torch.cat([a, b]), y, seed=cfg.seed), site
-    m = min(len(a), len(b))  # pair the i-th concept input with the i-th concept-free one
-    if cfg.method == "actadd":
-        return d.actadd(a[0], b[0]), site
-    return d.pca_of_differences(a[:m], b[:m], seed=cfg.seed) * float((a.mean(0) - b.mean(0)).norm()), site
-
-
-def _logits(out: Any) -> Any:
-    return out if hasattr(out, "shape") else out.logits
-
-
-def measures(clean: Any, changed: Any, inputs: Any, target: Optional[int]) -> dict[str, float]:
-    """Target probability at each example's last real position, and KL(clean || changed) over real positions."""
-    import torch
-
-    mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) else torch.ones(clean.shape[:2], dtype=torch.bool)
-    p, q = _logits(clean).float().log_softmax(-1), _logits(changed).float().log_softmax(-1)
-    out = {"kl": float((p.exp() * (p - q)).sum(-1)[mask].mean())}
-    if target is not None:
-        last = mask.long().sum(1) - 1
-        rows = torch.arange(len(last))
-        out["p_target_before"] = float(p[rows, last, target].exp().mean())
-        out["p_target_after"] = float(q[rows, last, target].exp().mean())
-    return out
+    return find_direction(cfg.method, a, b, seed=cfg.seed), site
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(SteerConfig, args)
     import torch
 
-    from mechscope.core.run import call_model
-    from mechscope.steer.apply import SteeringError, ablate, steer
+    from mechscope.steer import effects
+    from mechscope.steer.apply import SteeringError
     from mechscope.steer.directions import DirectionError
-    from mechscope.steer.orthogonalize import orthogonalize_weights
 
-    model = load_model(cfg.model, cfg.hf_config, "steering_toy")
+    model, _ = load(cfg, "steering_toy")
     pos_in, neg_in, positions, default_target = _data(cfg, model)
     check_inputs(model, pos_in, cfg.data)
     check_inputs(model, neg_in, cfg.data)
@@ -133,22 +98,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         v, site = direction(cfg, model, pos_in, neg_in, positions)
         report: dict[str, Any] = {"site": str(site), "method": cfg.method, "norm": float(v.norm()), "action": cfg.action}
-        with torch.no_grad():
-            if cfg.action == "add":
-                report["results"] = [{"coeff": c, **measures(call_model(model, neg_in), steer(model, neg_in, v, site.replace(positions=None), c),
-                                                             neg_in, target)} for c in cfg.coeffs]
-            elif cfg.action == "ablate":
-                report["concept_inputs"] = measures(call_model(model, pos_in), ablate(model, pos_in, v), pos_in, target)
-                report["concept_free_inputs"] = measures(call_model(model, neg_in), ablate(model, neg_in, v), neg_in, target)
-            else:
-                edited = orthogonalize_weights(model, v)
-                diff = (_logits(call_model(edited, pos_in)) - _logits(ablate(model, pos_in, v))).abs().max()
-                report["max_abs_diff_vs_hooks"] = float(diff)
-                report["concept_inputs"] = measures(call_model(model, pos_in), call_model(edited, pos_in), pos_in, target)
-                if cfg.save_model:
-                    from mechscope.core.checkpoint import save_module
-                    save_module(cfg.save_model, edited, {"orthogonalized_against": cfg.site, "method": cfg.method})
-                    report["saved_model"] = str(cfg.save_model)
+        if cfg.action == "add":
+            report["results"] = effects.steering_effects(model, neg_in, v, site.replace(positions=None), cfg.coeffs,
+                                                         target)
+        elif cfg.action == "ablate":
+            report["concept_inputs"] = effects.ablation_effect(model, pos_in, v, target)
+            report["concept_free_inputs"] = effects.ablation_effect(model, neg_in, v, target)
+        else:
+            measured, edited = effects.weight_edit_effect(model, pos_in, v, target)
+            report.update(measured)
+            if cfg.save_model:
+                from mechscope.core.checkpoint import save_module
+                save_module(cfg.save_model, edited, {"orthogonalized_against": cfg.site, "method": cfg.method})
+                report["saved_model"] = str(cfg.save_model)
     except (SteeringError, DirectionError) as e:
         raise UsageError(str(e)) from None
     if cfg.save_direction:

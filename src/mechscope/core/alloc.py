@@ -3,10 +3,8 @@
 A training step on CPU allocates and frees the same large activations every step. By
 default glibc hands much of that memory back to the operating system when it is freed
 (large blocks are mapped and unmapped one by one; the top of the heap is trimmed beyond
-a threshold), so the next step touches fresh pages again and pays a page fault per 4 KiB.
-On this project's machines that is a sixth of an SPD step on the residual MLP (2048 x
-1000 activations): a median step of 173-190 ms against 148-150 ms with the memory kept
-(3 processes each, one thread; minor page faults 411k-495k against 138k-139k).
+a threshold), so the next step touches fresh pages again and pays a page fault per 4 KiB,
+a sizeable share of a step on this project's machines (measured: ``docs/results.md``).
 
 :func:`retain_freed_memory` serves blocks up to 32 MiB from the heap (the ceiling of
 glibc's own sliding threshold), never trims it below 2 GiB of free space and grows it 256 MiB

@@ -14,7 +14,9 @@ A config is a frozen dataclass that subclasses :class:`Config`::
 
 Field types are checked when the object is built (``int``, ``float``, ``str``, ``bool``,
 ``pathlib.Path``, ``Optional[X]``, ``Literal[...]``, ``tuple[X, ...]``, ``list[X]``,
-``dict[str, X]`` and nested configs). Other annotations are accepted unchecked. Cross-field
+``dict[str, X]`` and nested configs). Other annotations are accepted unchecked. A numeric
+range is declared on the field, ``param(4, ge=1, help=...)`` (also ``gt``, ``le``, ``lt``;
+None passes), checked when the object is built and shown in ``--help``. Cross-field
 rules go in :meth:`Config.validate` (subclasses that define ``__post_init__`` must call
 ``super().__post_init__()``).
 
@@ -42,12 +44,39 @@ class ConfigError(ValueError):
     """A config was given a field it does not have, or a value of the wrong type."""
 
 
+class BoundError(ConfigError):
+    """A field's value is outside the range declared on it (``param(ge=..., ...)``).
+
+    The message names the field as ``Owner.field``; :func:`config_from_args` says
+    ``--field-name`` instead, the spelling the user typed."""
+
+    def __init__(self, owner: str, field: str, value: Any, rule: str) -> None:
+        self.owner, self.field, self.value, self.rule = owner, field, value, rule
+        super().__init__(self.text(f"{owner}.{field}"))
+
+    def text(self, name: str) -> str:
+        return f"{name} must be {self.rule}, got {self.value}"
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
 def param(default: Any = _NO_DEFAULT, *, help: str = "", default_factory: Any = _NO_DEFAULT,
-          cli: bool = True, metavar: str | None = None) -> Any:
+          cli: bool = True, metavar: str | None = None, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with its help text; ``cli=False`` keeps it off the command line and
-    ``metavar`` names its value in ``--help`` (default: derived from the type)."""
+    ``metavar`` names its value in ``--help`` (default: derived from the type). ``ge``,
+    ``gt``, ``le`` and ``lt`` bound a number (each item of a sequence); a value outside is a
+    :class:`BoundError` when the config is built."""
+    bounds = tuple((op, b) for op, b in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if b is not None)
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "cli": cli, "metavar": metavar})
+                             metadata={"help": help, "cli": cli, "metavar": metavar, "bounds": bounds})
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+    """A field's declared range as text, e.g. ``>= 1`` or ``> 0, <= 1`` ('' when unbounded)."""
+    return ", ".join(f"{_BOUNDS[op][0]} {b}" for op, b in f.metadata.get("bounds", ()))
 
 
 def config(cls: type[C]) -> type[C]:
@@ -66,6 +95,7 @@ class Config:
         for f in dataclasses.fields(self):
             value = coerce(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
             object.__setattr__(self, f.name, value)
+            _check_bounds(type(self).__name__, f, value)
         self.validate()
 
     def validate(self) -> None:
@@ -113,6 +143,17 @@ class Config:
             if key not in names:
                 raise ConfigError(unknown_field_message(type(self).__name__, key, names))
         return dataclasses.replace(self, **changes)
+
+
+def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
+    """Raise :class:`BoundError` when ``value`` (or an item of it) breaks ``f``'s declared range."""
+    rules = f.metadata.get("bounds", ())
+    if not rules or value is None:
+        return
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+        for op, bound in rules:
+            if item is not None and not _BOUNDS[op][1](item, bound):
+                raise BoundError(owner, f.name, item, bounds_text(f))
 
 
 def unknown_field_message(owner: str, bad: str, valid: list[str]) -> str:
@@ -341,6 +382,12 @@ def _shown_default(value: Any) -> str:
     return str(value)
 
 
+def field_help(cls: type[Config], f: dataclasses.Field) -> str:
+    """A field's help text: ``cls.FIELD_HELP[name]`` where a config rewords a field it
+    inherits (a shared field whose meaning depends on the command), else ``param(help=...)``."""
+    return getattr(cls, "FIELD_HELP", {}).get(f.name, f.metadata.get("help", ""))
+
+
 def cli_fields(cls: type[Config]) -> list[dataclasses.Field]:
     """The fields of ``cls`` that appear on the command line."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
@@ -367,9 +414,13 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, cls: type[Config
             continue
         default = None if required else (f.default if f.default is not dataclasses.MISSING
                                          else f.default_factory())
-        text = f.metadata.get("help", "")
+        text, rule = field_help(cls, f), bounds_text(f)
         if not required and "(default" not in text:
-            text = f"{text} (default: {_shown_default(default)})".strip()
+            shown = f"default: {_shown_default(default)}"
+            text = f"{text} ({rule}; {shown})" if rule else f"{text} ({shown})"
+        elif rule:
+            text = f"{text} ({rule})"
+        text = text.strip()
         kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": text.replace("%", "%%")}
         if tp is bool:
             parser.add_argument(option_name(f.name, prefix), action=_Toggle, default=default, **kwargs)
@@ -404,8 +455,14 @@ def config_from_args(cls: type[C], namespace: argparse.Namespace, *, prefix: str
     """Build ``cls`` from a namespace parsed with :func:`add_config_arguments`."""
     data = {f.name: getattr(namespace, prefix + f.name) for f in cli_fields(cls)
             if hasattr(namespace, prefix + f.name)}
-    return cls.from_dict(data)
+    try:
+        return cls.from_dict(data)
+    except BoundError as e:  # name the option the user typed, not the field
+        if e.owner != cls.__name__ or e.field not in data:
+            raise
+        raise ConfigError(e.text(option_name(e.field, prefix))) from None
 
 
-__all__ = ["Config", "ConfigError", "config", "param", "add_config_arguments", "config_from_args",
-           "option_name", "parse_text", "cli_fields", "coerce", "describe", "field_types"]
+__all__ = ["Config", "ConfigError", "BoundError", "config", "param", "add_config_arguments", "config_from_args",
+           "option_name", "parse_text", "cli_fields", "field_help", "bounds_text", "coerce", "describe",
+           "field_types"]

@@ -10,6 +10,9 @@
 | ``Rotation`` (d×d)| ``x R``                         | ``x - x R Rᵀ`` (≈ 0)   |
 | ``PCA``           | standardised projections        | residual               |
 
+``Subspace`` and ``Rotation`` are :class:`LinearFeaturizer` s: features are ``x B`` for an
+orthonormal basis ``B``, which other orthonormal bases (trained another way) subclass too.
+
 Sparse autoencoders and parameter decompositions implement the same interface, which is
 what lets an interchange in feature space be one operation for every basis.
 """
@@ -63,8 +66,14 @@ class Identity(Featurizer):
         return f + err
 
 
-class _Linear(Featurizer):
-    """Features ``x B`` for a basis ``B`` [d, k] with orthonormal columns."""
+class LinearFeaturizer(Featurizer):
+    """Features ``x B`` for a basis ``B`` [d, k] with orthonormal columns.
+
+    Subclasses give :meth:`basis`; how the basis is held and kept orthonormal is theirs
+    (:class:`Subspace` by parametrization, a retraction after each step elsewhere). Code
+    that needs the basis itself (a closed-form interchange ``x_b + (x_s - x_b) B Bᵀ``)
+    tests ``isinstance(f, LinearFeaturizer)``.
+    """
 
     def basis(self) -> Tensor:  # [d, k]
         raise NotImplementedError
@@ -100,7 +109,7 @@ def check_subspace_shape(d: int, k: int, init: Tensor | None) -> None:
         raise FeaturizerError(f"init must have shape [d={d}, k={k}], got {list(init.shape)}")
 
 
-class Subspace(_Linear):
+class Subspace(LinearFeaturizer):
     """An orthonormal subspace W [d, k] (low-rank DAS). Trainable by default.
 
     Orthonormality is kept by ``torch.nn.utils.parametrizations.orthogonal``, so the

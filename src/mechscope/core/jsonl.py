@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.detect import input_embeddings
+
 Check = Callable[[Any], "str | None"]  # a field's value -> what is wrong with it, or None
 
 
@@ -82,9 +84,8 @@ def _text(path: Path, flag: str) -> str:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
 
 
-def _row(path: Path, number: int, line: str, fields: Mapping[str, Check], optional: Mapping[str, Check],
-         example: str) -> dict[str, Any]:
-    where = f"{path}:{number}"
+def json_object(line: str, where: str, example: str) -> dict[str, Any]:
+    """One JSON-lines line as a dict, or a DataError at ``where`` (``file:line``) showing ``example``."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -92,6 +93,13 @@ def _row(path: Path, number: int, line: str, fields: Mapping[str, Check], option
                         f"object, e.g. {example}") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: a JSON {type(row).__name__}, not an object; each line must be like {example}")
+    return row
+
+
+def _row(path: Path, number: int, line: str, fields: Mapping[str, Check], optional: Mapping[str, Check],
+         example: str) -> dict[str, Any]:
+    where = f"{path}:{number}"
+    row = json_object(line, where, example)
     missing = [k for k in fields if k not in row]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}; each line must be like {example}")
@@ -133,14 +141,9 @@ def token_batch(rows: list[dict[str, Any]], key: str = "tokens", pad_id: int = 0
 def vocab_size(model: nn.Module) -> int | None:
     """Rows of the model's token embedding: its input embedding, its config's ``vocab_size``,
     else its first ``nn.Embedding``; None when it has none (a model that takes vectors)."""
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get):
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Embedding):
-            return int(emb.num_embeddings)
+    emb = input_embeddings(model)
+    if isinstance(emb, nn.Embedding):
+        return int(emb.num_embeddings)
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     if _is_int(size):
         return int(size)

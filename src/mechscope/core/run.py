@@ -177,7 +177,8 @@ def _check_finite(x: Tensor, site: Site, what: str) -> None:
         )
 
 
-def _normalise(interventions: Interventions | None) -> list[tuple[Site, Intervention]]:
+def as_pairs(interventions: Interventions | None) -> list[tuple[Site, Intervention]]:
+    """Interventions as a checked list of ``(site, intervention)`` pairs, from a mapping or pairs."""
     if not interventions:
         return []
     items = list(interventions.items()) if isinstance(interventions, Mapping) else list(interventions)
@@ -233,7 +234,7 @@ def hooked(
     forward (inside ``run``/``cache``) as soon as every cached site has been read, so
     the layers after the deepest site are never run.
     """
-    items: list[tuple[Site, Intervention | None]] = _normalise(interventions)
+    items: list[tuple[Site, Intervention | None]] = as_pairs(interventions)
     cache_sites = list(dict.fromkeys(cache))
     items += [(s, None) for s in cache_sites]
     state = Run(batch)

@@ -36,7 +36,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,7 @@ from mechscope.core.checkpoint import (
     save_tensors,
     verify_tensor,
 )
+from mechscope.core.collect import site_rows
 from mechscope.core.lock import lock_dir
 from mechscope.core.paths import confined
 from mechscope.core.run import cache
@@ -71,44 +72,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def flatten_rows(view: Tensor, site: Site, attention_mask: Tensor | None = None, drop_padding: bool = True) -> Tensor:
-    """A site's view as rows ``[n, d]``, dropping padding positions by the attention mask.
-
-    ``[batch, d]`` is already rows; ``[batch, pos, d]`` (or ``[batch, pos, n_heads, d_head]``
-    with heads) becomes ``[batch * pos, d]``, or only the real tokens' rows when a mask
-    is given. A site that selects positions keeps all of them: they are resolved against
-    real tokens already.
-    """
-    feat_dims = 2 if site.heads is not None else 1
-    lead = view.dim() - feat_dims
-    if lead not in (1, 2):
-        raise SiteError(
-            f"site {site}: cannot turn an activation view of shape {list(view.shape)} into rows; "
-            "expected [batch, d] or [batch, pos, d] (with heads: [batch, pos, n_heads, d_head])"
-        )
-    rows = view.flatten(lead) if feat_dims > 1 else view  # [batch, d] or [batch, pos, d]
-    if lead == 1:
-        return rows
-    if drop_padding and attention_mask is not None and site.positions is None:
-        if tuple(attention_mask.shape) != tuple(rows.shape[:2]):
-            raise SiteError(
-                f"site {site}: cannot drop padding, the activation has {list(rows.shape[:2])} "
-                f"[batch, pos] but the attention mask is {list(attention_mask.shape)}; pass "
-                "drop_padding=False or select positions on the site"
-            )
-        return rows[attention_mask.to(rows.device).bool()]  # [n_real, d]
-    return rows.reshape(-1, rows.shape[-1])  # [batch * pos, d]
-
-
 def row_shape(view: Tensor, site: Site) -> list[int]:
     """Shape of one row before flattening: ``[d]``, or ``[n_heads, d_head]`` for a head site."""
     return list(view.shape[-2:] if site.heads is not None else view.shape[-1:])
-
-
-def _attention_mask(inputs: Any) -> Tensor | None:
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
-        return inputs["attention_mask"]
-    return None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -277,8 +243,7 @@ def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir:
             if index < done:
                 continue
             acts = cache(model, inputs, sites)
-            mask = _attention_mask(inputs)
-            views = {keys[s]: flatten_rows(acts[s], s, mask, drop_padding) for s in sites}
+            views = {keys[s]: rows for s, rows in site_rows(acts, inputs, sites, drop_padding).items()}
             shapes = {keys[s]: row_shape(acts[s], s) for s in sites}
             writer.add(views, shapes, index)
             if writer.rows >= shard_rows:

@@ -4,6 +4,7 @@
 - :mod:`~mechscope.probe.control` — control tasks (random labels per input type), selectivity,
   shuffled labels;
 - :mod:`~mechscope.probe.mdl` — the online code (minimum description length) probe, in bits;
-- :mod:`~mechscope.probe.sparse` — k-sparse probes with several neuron rankings;
-- :mod:`~mechscope.probe.collect` — activations at a site of a model, one row per example.
+- :mod:`~mechscope.probe.sparse` — k-sparse probes with several neuron rankings.
+
+The rows a probe trains on come from :func:`mechscope.core.collect.activations`.
 """

@@ -12,8 +12,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mechscope.bench.scoreboard import atomic_write, check_figures, tally
+from mechscope.core.atomic import atomic_write
 from mechscope.core.paths import confined
+from mechscope.report.scoreboard import check_figures, tally
 
 OP_TEXT = {">=": "≥", "<=": "≤", ">": "&gt;", "<": "&lt;", "==": "="}
 

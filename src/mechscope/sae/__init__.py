@@ -8,7 +8,7 @@
 - :mod:`~mechscope.sae.featurizer`: an SAE as a featurizer, for interchange interventions;
 - :mod:`~mechscope.sae.saelens` / :mod:`~mechscope.sae.io`: the SAELens on-disk layout, our own;
 - :mod:`~mechscope.sae.pages`: static HTML feature pages;
-- :mod:`~mechscope.sae.ddp`: data-parallel training under torchrun.
+- data-parallel training under torchrun: :mod:`mechscope.core.distributed` (:class:`Comm`).
 
 The architectures and the trainer are imported with the package (``train`` is both a
 submodule and the function: the function wins here); the rest on first use.
@@ -16,9 +16,7 @@ submodule and the function: the function wins here); the rest on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from mechscope.core.lazy import lazy_exports
 from mechscope.sae.arch import SAE, SAEConfig, SAEError, fold_decoder_norm, fold_scale, to_jumprelu
 from mechscope.sae.train import TrainConfig, Trainer, TrainResult, train
 
@@ -34,14 +32,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mechscope.sae' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

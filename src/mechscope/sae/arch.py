@@ -48,35 +48,27 @@ class SAEError(ValueError):
 class SAEConfig(Config):
     """Shape and architecture of a sparse dictionary (not how it is trained: see TrainConfig)."""
 
-    d_in: int = param(help="width of the input activation")
-    d_sae: int = param(help="number of latents (dictionary size)")
+    d_in: int = param(ge=1, help="width of the input activation")
+    d_sae: int = param(ge=1, help="number of latents (dictionary size)")
     arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = param(
         "topk", help="activation and objective: relu (L1), topk, batchtopk, jumprelu, matryoshka (batchtopk)")
     kind: Literal["sae", "transcoder", "skip_transcoder"] = param(
         "sae", help="sae: reconstruct the input; transcoder: predict another site (MLP in -> MLP out); "
                     "skip_transcoder: a transcoder plus a linear skip W_skip x")
-    d_out: Optional[int] = param(None, help="width of the target of a transcoder (default: d_in)")
-    k: int = param(32, help="active latents per token: exact for topk, the batch average for batchtopk and "
+    d_out: Optional[int] = param(None, ge=1, help="width of the target of a transcoder (default: d_in)")
+    k: int = param(32, ge=1, help="active latents per token: exact for topk, the batch average for batchtopk and "
                             "matryoshka, the L0 target of jumprelu's default penalty")
     matryoshka_widths: tuple[int, ...] = param(
         (), help="nested prefix sizes m1 < ... < d_sae of matryoshka; empty: d_sae/16, /8, /4, /2 and d_sae")
-    threshold_init: float = param(0.001, help="JumpReLU initial threshold θ0 (paper: 0.001 for E|x|²=1 inputs)")
-    bandwidth: float = param(0.001, help="JumpReLU straight-through kernel width ε (paper: 0.001)")
+    threshold_init: float = param(0.001, ge=0, help="JumpReLU initial threshold θ0 (paper: 0.001 for E|x|²=1 inputs)")
+    bandwidth: float = param(0.001, gt=0, help="JumpReLU straight-through kernel width ε (paper: 0.001)")
 
     def validate(self) -> None:
-        for name in ("d_in", "d_sae", "k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"SAEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_out is not None and self.d_out < 1:
-            raise ConfigError(f"SAEConfig.d_out must be >= 1, got {self.d_out}")
         if self.d_out is not None and self.kind == "sae" and self.d_out != self.d_in:
             raise ConfigError(f"SAEConfig.d_out={self.d_out} differs from d_in={self.d_in}, but an autoencoder "
                               "reconstructs its input; use kind='transcoder' to predict another site")
         if self.arch in TOPK_FAMILY and self.k > self.d_sae:
             raise ConfigError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae}; k latents must fit in the dictionary")
-        if self.threshold_init < 0 or self.bandwidth <= 0:
-            raise ConfigError(f"SAEConfig needs threshold_init >= 0 and bandwidth > 0, got "
-                              f"{self.threshold_init} and {self.bandwidth}")
         if self.matryoshka_widths:
             if self.arch != "matryoshka":
                 raise ConfigError("SAEConfig.matryoshka_widths is only used by arch='matryoshka'")

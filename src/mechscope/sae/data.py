@@ -23,11 +23,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.collect import site_rows
+from mechscope.core.distributed import Comm
 from mechscope.core.run import cache
 from mechscope.core.site import Site
-from mechscope.core.store import Store, flatten_rows
+from mechscope.core.store import Store
 from mechscope.sae.arch import SAEConfig, SAEError
-from mechscope.sae.ddp import Comm
 from mechscope.sae.train import TrainConfig, Trainer, TrainResult
 
 
@@ -50,12 +51,6 @@ def store_batches(store: Store, sites: Site | str | Sequence[Site | str] | None 
             raise SAEError(f"the store at {store.out_dir} holds {store.n_rows} rows, fewer than one batch of "
                            f"{batch_size}; write more activations or use a smaller batch_size")
         epoch += 1
-
-
-def _mask(inputs: Any) -> Tensor | None:
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
-        return inputs["attention_mask"]
-    return None
 
 
 def live_activations(model: nn.Module, inputs: Iterable[Any], sites: Sequence[Site], batch_size: int = 4096,
@@ -91,8 +86,7 @@ def live_activations(model: nn.Module, inputs: Iterable[Any], sites: Sequence[Si
     for batch_inputs in inputs:
         with torch.no_grad():  # (not around the yields: grad mode is the caller's there)
             acts = cache(model, batch_inputs, sites)  # stops after the deepest site
-        mask = _mask(batch_inputs)
-        rows = {s: flatten_rows(acts[s], s, mask, drop_padding) for s in sites}
+        rows = site_rows(acts, batch_inputs, sites, drop_padding)
         counts = {s: r.shape[0] for s, r in rows.items()}
         if len(set(counts.values())) > 1:
             raise SAEError(f"sites give different numbers of rows per input batch {counts}; train sites "

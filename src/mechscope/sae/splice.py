@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mechscope.core.intervene import Zero
-from mechscope.core.run import HookCall, batch_info, call_model, hooked
+from mechscope.core.run import HookCall, batch_info, call_model, hooked, logits_of
 from mechscope.core.site import Site
 from mechscope.sae.arch import SAE, SAEError
 
@@ -34,7 +34,7 @@ LossFn = Callable[[Any, Any], tuple[Tensor, Tensor]]
 
 def next_token_loss(output: Any, inputs: Any) -> tuple[Tensor, Tensor]:
     """Next-token cross-entropy of a causal LM over real tokens (attention mask respected)."""
-    logits = output.logits if hasattr(output, "logits") else output  # [batch, pos, vocab]
+    logits = logits_of(output)  # [batch, pos, vocab]
     ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
     if not isinstance(logits, Tensor) or logits.dim() != 3 or ids.shape != logits.shape[:2]:
         raise SAEError("next_token_loss needs logits [batch, pos, vocab] for input_ids [batch, pos]; "

@@ -2,7 +2,7 @@
 
 A step normalises the batch (the scale is estimated on the first batch and folded into
 the weights on export), evaluates the architecture's objective (objectives.py), averages
-gradients across processes (ddp.py), keeps decoder rows at unit norm where the recipe
+gradients across processes (core/distributed.py), keeps decoder rows at unit norm where the recipe
 says so (projecting the gradient's parallel component out first), steps Adam, and updates
 the bookkeeping: tokens since each latent last fired (dead = not fired in ``dead_tokens``
 tokens), the BatchTopK threshold, resampling of dead latents when asked for.
@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from mechscope.core.config import Config, ConfigError, config, param
+from mechscope.core.distributed import Comm
 from mechscope.core.lock import lock_dir
+from mechscope.core.progress import Progress
 from mechscope.sae.arch import SAE, TOPK_FAMILY, SAEConfig, SAEError, fold_scale, to_jumprelu
-from mechscope.sae.ddp import Comm
 from mechscope.sae.objectives import OBJECTIVES, LossSettings, StepOutput
 
 
@@ -41,55 +42,39 @@ from mechscope.sae.objectives import OBJECTIVES, LossSettings, StepOutput
 class TrainConfig(Config):
     """How a dictionary is trained. None means the architecture's default (module table)."""
 
-    steps: int = param(1000, help="optimiser steps")
-    batch_size: int = param(4096, help="activation vectors per step (per process under torchrun)")
-    lr: Optional[float] = param(None, help="Adam learning rate (default: per architecture)")
+    steps: int = param(1000, ge=1, help="optimiser steps")
+    batch_size: int = param(4096, ge=1, help="activation vectors per step (per process under torchrun)")
+    lr: Optional[float] = param(None, gt=0, help="Adam learning rate (default: per architecture)")
     adam_betas: Optional[tuple[float, float]] = param(None, help="Adam betas (default: per architecture)")
     adam_eps: float = param(1e-8, help="Adam epsilon")
-    lr_warmup_steps: int = param(0, help="linear learning-rate warm-up from 0 over these steps")
-    lr_decay_fraction: Optional[float] = param(None, help="linear decay to 0 over this final fraction of steps")
+    lr_warmup_steps: int = param(0, ge=0, help="linear learning-rate warm-up from 0 over these steps")
+    lr_decay_fraction: Optional[float] = param(None, ge=0, le=1, help="linear decay to 0 over this final fraction of steps")
     grad_clip: Optional[float] = param(None, help="clip the gradient norm to this (0: off; default per architecture)")
     normalize: Optional[Literal["sqrt_d", "unit", "none"]] = param(
         None, help="input scaling, estimated on the first batch and folded in at export: "
                    "sqrt_d (E|x| = sqrt(d)), unit (E|x|^2 = 1) or none")
     l1_coefficient: float = param(1.0, help="relu: λ of the penalty Σ f_i |W_dec,i| (SAELens default)")
-    l1_warmup_fraction: float = param(0.05, help="relu: λ ramps linearly from 0 over this fraction of steps")
+    l1_warmup_fraction: float = param(0.05, ge=0, le=1, help="relu: λ ramps linearly from 0 over this fraction of steps")
     l0_coefficient: float = param(1.0, help="jumprelu: λ of the L0 penalty")
     l0_penalty: Literal["target", "linear"] = param(
         "target", help="jumprelu: target = λ(L0/k - 1)^2 (dictionary_learning), linear = λ·L0 (paper)")
     ste_to_input: bool = param(False, help="jumprelu: let the L0 gradient reach the pre-activations too")
     dead_fix: Optional[Literal["auxk", "resample", "none"]] = param(
         None, help="what to do about dead latents (default: auxk for the topk family, none otherwise)")
-    dead_tokens: int = param(10_000_000, help="a latent is dead when it has not fired in this many tokens")
-    aux_k: Optional[int] = param(None, help="AuxK: dead latents used per token (default d_in/2)")
+    dead_tokens: int = param(10_000_000, ge=1, help="a latent is dead when it has not fired in this many tokens")
+    aux_k: Optional[int] = param(None, ge=1, help="AuxK: dead latents used per token (default d_in/2)")
     aux_alpha: float = param(1 / 32, help="AuxK loss weight α")
-    resample_every: int = param(25_000, help="resample: steps between resamplings of dead latents")
-    resample_warmup_steps: int = param(1000, help="resample: learning-rate re-warm-up after a resampling")
-    threshold_lr: float = param(0.01, help="batchtopk: θ <- (1-r)θ + r·min(kept activation) each step")
+    resample_every: int = param(25_000, ge=1, help="resample: steps between resamplings of dead latents")
+    resample_warmup_steps: int = param(1000, ge=0, help="resample: learning-rate re-warm-up after a resampling")
+    threshold_lr: float = param(0.01, gt=0, le=1, help="batchtopk: θ <- (1-r)θ + r·min(kept activation) each step")
     unit_norm_decoder: Optional[bool] = param(None, help="keep decoder rows at unit norm (default per architecture)")
     init_b_dec: Literal["mean", "zero"] = param("mean", help="start b_dec at the first batch's mean, or at 0")
     tied_init: bool = param(True, help="start an autoencoder's encoder at W_dec^T (off: an independent random encoder)")
     seed: int = param(0, help="seed of the initialisation")
     checkpoint_dir: Optional[Path] = param(None, help="write resumable checkpoints here (resumes from one found)")
-    checkpoint_every: int = param(0, help="steps between checkpoints (0: only at the end)")
-    log_every: int = param(50, help="steps between progress updates and history entries")
+    checkpoint_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
+    log_every: int = param(50, ge=1, help="steps between progress updates and history entries")
     progress: bool = param(True, help="show a progress bar on stderr")
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "dead_tokens", "resample_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "checkpoint_every", "resample_warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.lr_decay_fraction is not None and not 0 <= self.lr_decay_fraction <= 1:
-            raise ConfigError(f"TrainConfig.lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
-        if not 0 <= self.l1_warmup_fraction <= 1 or not 0 < self.threshold_lr <= 1:
-            raise ConfigError("TrainConfig.l1_warmup_fraction must be in [0, 1] and threshold_lr in (0, 1]")
-        if self.aux_k is not None and self.aux_k < 1:
-            raise ConfigError(f"TrainConfig.aux_k must be >= 1, got {self.aux_k}")
 
 
 @dataclass(frozen=True)
@@ -336,16 +321,21 @@ def train(sae_cfg: SAEConfig, cfg: TrainConfig, data: Iterable[Any], *, comm: Co
         return _run(trainer, data, Path(cfg.checkpoint_dir) / "trainer.safetensors", device, on_log)
 
 
+def progress_text(m: dict[str, float]) -> str:
+    """What the progress line shows of a history entry: loss, L0, FVU, dead fraction."""
+    return (f"loss {m.get('loss', 0):.4g} L0 {m.get('l0', 0):.1f} FVU {m.get('fvu', 0):.4f} "
+            f"dead {100 * m.get('dead', 0):.1f}%")
+
+
 def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str | torch.device,
          on_log: Callable[[dict[str, float], "Trainer"], None] | None) -> TrainResult:
     """The loop of :func:`train`: resume from ``ckpt`` if it exists, step, log, checkpoint."""
-    from mechscope.sae.progress import ProgressBar
     from mechscope.sae.resume import load_checkpoint, save_checkpoint
 
     cfg = trainer.cfg
     if ckpt is not None and ckpt.exists():
         load_checkpoint(trainer, ckpt)
-    bar = ProgressBar(cfg.steps, enabled=cfg.progress and trainer.comm.is_main, start=trainer.step_count)
+    bar = Progress(cfg.steps, label="sae", enabled=cfg.progress and trainer.comm.is_main, start=trainer.step_count)
     skip = trainer.step_count
     it = iter(data)
     while trainer.step_count < cfg.steps:
@@ -367,7 +357,7 @@ def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str |
             if on_log is not None:
                 on_log(entry, trainer)
             trainer.history.append(entry)
-            bar.update(trainer.step_count, entry)
+            bar.update(trainer.step_count, progress_text(entry))
         if ckpt is not None and (last or (cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0)):
             if trainer.comm.is_main:
                 save_checkpoint(trainer, ckpt)

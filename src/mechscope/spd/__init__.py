@@ -17,14 +17,15 @@ through the core's hooks.
 Modules: ``config`` (SPDConfig), ``components``, ``importance``, ``masks`` (hard sigmoids
 and stochastic masks), ``losses``, ``decomposition``, ``passes`` (the hooked forwards),
 ``objective`` (one step's losses), ``train``, ``checkpoint``, ``evals``, ``surgery``,
-``figures``, ``targets`` (built-in targets and recipes), ``assess``, ``distributed``.
+``figures`` (the built-in targets, their recipes and their assessment are worlds:
+:mod:`mechscope.tasks.spd_targets`, :mod:`mechscope.tasks.spd_assess`); data parallelism is
+:mod:`mechscope.core.distributed`.
 Names below are imported lazily, so ``import mechscope.spd`` does not import torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mechscope.core.lazy import lazy_exports
 
 _EXPORTS = {
     "SPDConfig": "mechscope.spd.config",
@@ -49,8 +50,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mechscope.spd' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

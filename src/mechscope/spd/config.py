@@ -19,7 +19,7 @@ class SPDConfig(Config):
     """Options of one stochastic parameter decomposition."""
 
     sites: tuple[str, ...] = param((), help="module paths of the layers to decompose (linear, Conv1D, embedding or identity)")
-    C: int = param(20, help="subcomponents per decomposed matrix")
+    C: int = param(20, ge=1, help="subcomponents per decomposed matrix")
     C_per_site: dict[str, int] = param(default_factory=dict, cli=False,
                                        help="per-site C overriding C, {path: C}")
     tied: tuple[str, ...] = param((), metavar="DST=SRC[,...]",
@@ -27,62 +27,45 @@ class SPDConfig(Config):
     ci_fn: Literal["mlp", "vector_mlp"] = param("mlp", help="causal-importance function: scalar MLP per subcomponent, "
                                                            "or an MLP on the whole layer input")
     ci_hidden: tuple[int, ...] = param((16,), help="hidden widths of the importance MLPs")
-    leak: float = param(0.01, help="slope of the leaky parts of the hard sigmoids")
+    leak: float = param(0.01, ge=0, help="slope of the leaky parts of the hard sigmoids")
     mask: Literal["continuous", "binomial"] = param("continuous", help="stochastic source r of the masks")
     faithfulness: Literal["delta", "loss"] = param(
         "delta", help="delta: add W - UV under its own random mask; loss: penalise ‖W - UV‖² / n_params")
-    faithfulness_coeff: float = param(1.0, help="coefficient of the faithfulness loss (faithfulness=loss)")
-    warmup_steps: int = param(200, help="faithfulness-only warm-up steps before training")
-    warmup_lr: float = param(0.01, help="learning rate of the warm-up")
-    warmup_weight_decay: float = param(0.1, help="AdamW weight decay of the warm-up")
-    stochastic_coeff: float = param(1.0, help="coefficient of the stochastic reconstruction loss")
-    layerwise_coeff: float = param(1.0, help="coefficient of the layerwise stochastic reconstruction loss")
-    importance_coeff: float = param(3e-3, help="coefficient of the importance-minimality loss")
-    p: float = param(1.0, help="exponent p of the importance-minimality loss (start value when annealed)")
-    p_final: Optional[float] = param(None, help="anneal p linearly to this value (none: keep p)")
+    faithfulness_coeff: float = param(1.0, ge=0, help="coefficient of the faithfulness loss (faithfulness=loss)")
+    warmup_steps: int = param(200, ge=0, help="faithfulness-only warm-up steps before training")
+    warmup_lr: float = param(0.01, gt=0, help="learning rate of the warm-up")
+    warmup_weight_decay: float = param(0.1, ge=0, help="AdamW weight decay of the warm-up")
+    stochastic_coeff: float = param(1.0, ge=0, help="coefficient of the stochastic reconstruction loss")
+    layerwise_coeff: float = param(1.0, ge=0, help="coefficient of the layerwise stochastic reconstruction loss")
+    importance_coeff: float = param(3e-3, ge=0, help="coefficient of the importance-minimality loss")
+    p: float = param(1.0, gt=0, help="exponent p of the importance-minimality loss (start value when annealed)")
+    p_final: Optional[float] = param(None, gt=0, help="anneal p linearly to this value (none: keep p)")
     p_anneal_start: float = param(0.0, help="fraction of training where p starts to anneal")
     p_anneal_end: float = param(1.0, help="fraction of training where p reaches p_final")
     recon: Literal["mse", "kl"] = param("mse", help="reconstruction distance: mse (toy models) or kl (language models)")
-    lr: float = param(1e-3, help="AdamW learning rate (weight decay 0)")
+    lr: float = param(1e-3, gt=0, help="AdamW learning rate (weight decay 0)")
     lr_schedule: Literal["cosine", "constant"] = param("cosine", help="learning-rate schedule")
     lr_warmup: float = param(0.0, help="fraction of steps of linear learning-rate warm-up")
-    steps: int = param(10_000, help="optimiser steps")
-    batch_size: int = param(4096, help="examples per step (per process under torchrun)")
+    steps: int = param(10_000, ge=0, help="optimiser steps")
+    batch_size: int = param(4096, ge=1, help="examples per step (per process under torchrun)")
     seed: int = param(0, help="seed of the initialisation, the data and the masks")
     batched_passes: bool = param(True, help="run the stochastic and layerwise forwards as one batched forward "
                                             "that reuses the target's inner activations")
-    log_every: int = param(100, help="steps between progress lines and history records")
-    checkpoint_every: int = param(1000, help="steps between resumable checkpoints (0: only at the end)")
+    log_every: int = param(100, ge=1, help="steps between progress lines and history records")
+    checkpoint_every: int = param(1000, ge=0, help="steps between resumable checkpoints (0: only at the end)")
 
     def validate(self) -> None:
-        if self.C < 1:
-            raise ConfigError(f"SPDConfig.C must be >= 1 (subcomponents per matrix), got {self.C}")
         bad = {k: v for k, v in self.C_per_site.items() if v < 1}
         if bad:
             raise ConfigError(f"SPDConfig.C_per_site values must be >= 1, got {bad}")
         for pair in self.tied:
             if pair.count("=") != 1 or not all(pair.split("=")):
                 raise ConfigError(f"SPDConfig.tied entries are 'DST=SRC' (e.g. 'decoder=encoder'), got {pair!r}")
-        for name in ("faithfulness_coeff", "stochastic_coeff", "layerwise_coeff", "importance_coeff",
-                     "warmup_weight_decay", "leak"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"SPDConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "warmup_lr", "p"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"SPDConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.p_final is not None and self.p_final <= 0:
-            raise ConfigError(f"SPDConfig.p_final must be > 0, got {self.p_final}")
         if not 0.0 <= self.p_anneal_start <= self.p_anneal_end <= 1.0:
             raise ConfigError("SPDConfig needs 0 <= p_anneal_start <= p_anneal_end <= 1, got "
                               f"{self.p_anneal_start} and {self.p_anneal_end}")
         if not 0.0 <= self.lr_warmup < 1.0:
             raise ConfigError(f"SPDConfig.lr_warmup is a fraction of the steps in [0, 1), got {self.lr_warmup}")
-        for name in ("steps", "warmup_steps", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"SPDConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"SPDConfig.{name} must be >= 1, got {getattr(self, name)}")
         if any(h < 1 for h in self.ci_hidden) or not self.ci_hidden:
             raise ConfigError(f"SPDConfig.ci_hidden needs at least one width >= 1, got {self.ci_hidden}")
 

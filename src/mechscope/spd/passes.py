@@ -31,27 +31,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from mechscope.core.replay import output_logits, repeated
 from mechscope.core.run import HookCall, call_model, run
 from mechscope.core.site import Site
 from mechscope.core.substitute import substituting
 from mechscope.spd.components import SPDError
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.reuse import reuse_plan, settle_prefix
-
-
-def model_output(out: Any) -> Tensor:
-    """The tensor to reconstruct from a model's output: a tensor, ``.logits``, or element 0."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise SPDError(f"cannot find the output tensor of a {type(out).__name__}; SPD reconstructs a tensor "
-                   "output, a .logits attribute, or the first element of a tuple")
 
 
 def batch_size_of(inputs: Any) -> int:
@@ -103,7 +89,7 @@ def target_pass_keeping(model: torch.nn.Module, dec: Decomposition, inputs: Any,
         outs = {path: Site(path) for path in (*dec.paths, *plan.prefix)}
     with torch.no_grad():
         out, acts = run(model, inputs, cache=[*sites.values(), *outs.values()], check_finite=False)
-    y = model_output(out)
+    y = output_logits(out)
     check_finite_output(y)
     return y, {path: acts[site] for path, site in sites.items()}, {path: acts[site] for path, site in outs.items()}
 
@@ -136,7 +122,7 @@ def masked_forward(model: torch.nn.Module, dec: Decomposition, inputs: Any, mask
     deltas = deltas or {}
     plan = [(Site(p), _Replace(dec, p, m, deltas.get(p))) for p, m in masks.items()]
     out, _ = run(model, inputs, plan, check_finite=False)
-    return model_output(out)
+    return output_logits(out)
 
 
 def sequential_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: Any,
@@ -192,10 +178,6 @@ class _BatchedLayer:
         return self.known if same and self.known is not None else original(piece)
 
 
-def _repeated(out: Tensor, n: int) -> Any:
-    return lambda original, *args, **kwargs: out.repeat(n, *([1] * (out.dim() - 1)))
-
-
 def batched_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: Any, acts: Mapping[str, Tensor],
                           inner: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                           deltas: Mapping[str, Tensor | None], layerwise: bool = True,
@@ -213,13 +195,13 @@ def batched_masked_passes(model: torch.nn.Module, dec: Decomposition, inputs: An
     plan = reuse_plan(model, dec.paths, inputs, b, dec)
 
     def forward(prefix: tuple[str, ...]) -> Tensor:
-        subs: dict[str, Any] = {p: _repeated(known[p], n) for p in prefix}
+        subs: dict[str, Any] = repeated({p: known[p] for p in prefix}, n)  # the prefix does not run
         for l, path in enumerate(dec.paths):
             subs[path] = _BatchedLayer(dec, path, l + 1 if layerwise else None, b,
                                        plan.unchanged(path, dec.paths, layerwise), inner[path],
                                        None if known is None else known.get(path), masks[path], deltas.get(path))
         with substituting(model, subs):
-            return model_output(call_model(model, repeat_inputs(inputs, n)))
+            return output_logits(call_model(model, repeat_inputs(inputs, n)))
 
     prefix = plan.prefix if known is not None and all(p in known for p in plan.prefix) else ()
     if prefix and not plan.checked:

@@ -12,12 +12,13 @@ target's, the module's output is the target's too:
   yet, a decomposed layer's ``W a + b`` is the target's (used by kept copies and by the
   delta component), and ``V a`` is the inner activation already computed.
 
-Both rest on the execution order of the modules, recorded once per decomposition by a
-probe forward (:func:`reuse_plan`); the first batched pass that skips the prefix is checked
-once against a full forward, and a mismatch (an output the probe misread as per-example)
-turns the skipping off with a warning. A module that runs more than once per forward is
-never part of the prefix (its later calls see other inputs), and a model with a module
-in training mode (dropout) gets no prefix at all.
+Both rest on the execution order of the modules, recorded once per decomposition by core's
+recording forward (:func:`mechscope.core.replay.record`, in :func:`reuse_plan`); the first
+batched pass that skips the prefix is checked once against a full forward, and a mismatch
+(an output the recording misread as per-example) turns the skipping off with a warning.
+A module that runs more than once per forward is never part of the prefix (its later
+calls see other inputs), and a model with a module in training mode (dropout) gets no
+prefix at all.
 
 Cost: the target forward keeps one copy of every prefix module's output (the outermost
 ones: for a transformer decomposed in block k, the embedding and blocks 0..k-1), and the
@@ -31,10 +32,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from mechscope.core.run import call_model
+from mechscope.core.replay import prefix_before, record
 from mechscope.spd.components import SPDError
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, ReusePlan]" = weakref.WeakKeyDictionary()
@@ -75,41 +75,19 @@ def settle_prefix(key: nn.Module, reproduces: bool) -> ReusePlan:
     return plan
 
 
-@torch.no_grad()
 def _probe(model: nn.Module, paths: tuple[str, ...], inputs: Any, rows: int) -> ReusePlan:
-    events: list[tuple[str, str, Any]] = []  # (start|end, path, output)
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: events.append(("start", name, None))))
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name: events.append(("end", name, out))))
-    try:
-        call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    starts = [i for i, (kind, name, _) in enumerate(events) if kind == "start" and name in paths]
-    rank = {}
-    for i in starts:
-        rank.setdefault(events[i][1], i)
+    """Execution order from one recording forward of every module (core's :func:`record`)."""
+    # a module whose forward is already replaced on the instance cannot be wrapped (nor skipped
+    # by the batched passes' substitution): it is left out, its children are still recorded
+    _, calls = record(model, inputs, [name for name, m in model.named_modules() if name and "forward" not in vars(m)])
+    rank: dict[str, int] = {}
+    for c in sorted(calls, key=lambda c: c.start):
+        if c.path in paths:
+            rank.setdefault(c.path, c.start)
     missing = [p for p in paths if p not in rank]
     if missing:
         raise SPDError(f"decomposed module(s) {missing} never ran in the model's forward; decompose modules "
                        "that model.forward uses")
-    return ReusePlan(rank, _prefix(model, events, min(starts), rows))
-
-
-def _prefix(model: nn.Module, events: list[tuple[str, str, Any]], first: int, rows: int) -> tuple[str, ...]:
-    if any(m.training for m in model.modules()):
-        return ()
-    calls: dict[str, int] = {}
-    for kind, name, _ in events:
-        if kind == "start":
-            calls[name] = calls.get(name, 0) + 1
-    done = [name for kind, name, out in events[:first]
-            if kind == "end" and calls[name] == 1 and isinstance(out, Tensor) and out.dim() and out.shape[0] == rows]
-    chosen = set(done)
-    # the outermost ones: a module inside a chosen one does not run anyway
-    return tuple(n for n in done if not any(n.startswith(p + ".") for p in chosen))
+    # a module in training mode (dropout) may give other outputs in every forward
+    training = any(m.training for m in model.modules())
+    return ReusePlan(rank, () if training else prefix_before(calls, min(rank.values()), rows))

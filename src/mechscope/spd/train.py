@@ -20,21 +20,21 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from mechscope.core import distributed
 from mechscope.core.checkpoint import save_json_atomic
 from mechscope.core.lock import lock_dir
-from mechscope.spd import distributed
+from mechscope.core.progress import Progress
 from mechscope.spd.checkpoint import load_training_state, save_decomposition, save_training_state
 from mechscope.spd.config import SPDConfig
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.evals import live_counts
 from mechscope.spd.losses import lr_factor
 from mechscope.spd.objective import SPDObjective
-from mechscope.spd.progress import Progress
 
 DataFn = Callable[[int, torch.Generator], Any]
 STATE_FILE = "training_state.safetensors"
@@ -95,7 +95,7 @@ def faithfulness_warmup(dec: Decomposition, cfg: SPDConfig, progress: Progress |
         opt.step()
     final = float(dec.faithfulness().detach())
     if progress:
-        progress.message(f"faithfulness warm-up: {cfg.warmup_steps} steps, ‖W - UV‖²/n = {final:.3g}")
+        progress.write(f"faithfulness warm-up: {cfg.warmup_steps} steps, ‖W - UV‖²/n = {final:.3g}")
     return final
 
 
@@ -108,6 +108,17 @@ def _record(step: int, out: dict[str, Any], lr: float, dec: Decomposition) -> di
     return distributed.mean_over_ranks(row) | {"step": step, "live": {p: n for p, (n, _) in live_counts(dec).items()}}
 
 
+def _short(v: float) -> str:
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def progress_text(losses: Mapping[str, float], live: Mapping[str, tuple[int, int]]) -> str:
+    """What the progress line shows: the losses, and each layer's live subcomponents of C."""
+    loss_text = " ".join(f"{k} {_short(v)}" for k, v in losses.items())
+    live_text = " ".join(f"{k} {n}/{c}" for k, (n, c) in live.items())
+    return f"{loss_text} | live {live_text}"
+
+
 def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | Path | None = None,
               resume: bool = True, progress: bool = True, example_inputs: Any = None,
               log: Callable[[str], None] | None = None) -> SPDRun:
@@ -117,7 +128,7 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
     gens = {"data": distributed.generator(cfg.seed, 1, rank), "mask": distributed.generator(cfg.seed, 2, rank)}
     if example_inputs is None:
         example_inputs = data(min(cfg.batch_size, 8), torch.Generator().manual_seed(cfg.seed))
-    bar = Progress(cfg.steps, enabled=progress and rank == 0)
+    bar = Progress(cfg.steps, label="spd", enabled=progress and rank == 0)
     lock = lock_dir(out, "SPD run directory") if out is not None else nullcontext()
     with lock, frozen(model):
         dec = Decomposition(model, cfg, example_inputs)
@@ -130,11 +141,11 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
             if distributed.world()[1] > 1:  # the file holds rank 0's generators: re-seed per rank
                 gens = {"data": distributed.generator(cfg.seed + start, 1, rank),
                         "mask": distributed.generator(cfg.seed + start, 2, rank)}
-            bar.message(f"resumed from {state_path} at step {start}")
+            bar.write(f"resumed from {state_path} at step {start}")
         else:
             faithfulness_warmup(dec, cfg, bar)
         step_fn = distributed.wrap(objective)  # DDP broadcasts rank 0's parameters
-        bar.start_step = start
+        bar.start = start
         t0, steps_run = time.perf_counter(), 0
         for step in range(start, cfg.steps):
             lr = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup)
@@ -150,10 +161,12 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = _record(done, result, lr, dec)
                 history.append(row)
-                bar.update(done, {k: row[k] for k in ("stochastic", "layerwise", "importance", "faithfulness")},
-                           live_counts(dec))
+                live = live_counts(dec)
+                bar.update(done, progress_text({k: row[k] for k in ("stochastic", "layerwise", "importance",
+                                                                    "faithfulness")}, live))
                 if log:
-                    log(bar.line(done, {k: row[k] for k in ("stochastic", "layerwise", "importance")}, live_counts(dec)))
+                    log(bar.line(done, progress_text({k: row[k] for k in ("stochastic", "layerwise", "importance")},
+                                                     live)))
             if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 if rank == 0:
                     save_training_state(state_path, dec, opt, done, gens, history)

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from mechscope.core.run import run
 from mechscope.core.site import Site
 from mechscope.steer.apply import Steer
+from mechscope.core.run import logits_of
 from mechscope.steer.finetune import (
     TrainRecipe,
     frozen,
-    logits_of,
     train_full,
     train_lora,
     train_reft,
@@ -113,7 +113,7 @@ def kl_unrelated(base: Forward, method: Forward, task: SupervisedTask, batch_siz
     return total / max(count, 1)
 
 
-def _batches(task: SupervisedTask, batch_size: int, seed: int) -> Callable[[int], Any]:
+def train_batches(task: SupervisedTask, batch_size: int, seed: int) -> Callable[[int], Any]:
     """Step -> a batch of training examples, reshuffled every epoch (the same for every method)."""
     n = len(task.train)
 
@@ -128,7 +128,7 @@ def _batches(task: SupervisedTask, batch_size: int, seed: int) -> Callable[[int]
 # --------------------------------------------------------------------------- the methods
 def caa_vectors(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], where: int = -1) -> list[Tensor]:
     """Mean over training pairs of h(prompted) - h(plain) at prompt position ``where``, per site."""
-    from mechscope.probe.collect import activations
+    from mechscope.core.collect import activations
     from mechscope.steer.directions import paired_mean_difference
 
     with_instr, without = task.batch(list(task.prompted_train)), task.batch(list(task.train))
@@ -161,6 +161,22 @@ def steering_baseline(model: nn.Module, task: SupervisedTask, sites: Sequence[Si
     return best[1], {**best[2], "selection": grid}
 
 
+def reft_alone(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], d_model: int, *, kind: str = "loreft",
+               rank: int = 4, positions: str = "f2+l2", recipe: TrainRecipe = TrainRecipe(), batch_size: int = 32,
+               seed: int = 0) -> tuple[MethodResult, Reft]:
+    """One ReFT intervention trained on ``task`` with the model frozen, and its row of the table
+    (KL is NaN when the task has no unrelated examples; ``detail`` holds the final loss and
+    the model's own accuracy on the test examples)."""
+    torch.manual_seed(seed)
+    reft = Reft(sites, d_model, kind, rank, positions, seed)
+    losses = train_reft(model, reft, train_batches(task, batch_size, seed), recipe)
+    fwd = reft_forward(model, reft)
+    kl = kl_unrelated(plain(model), fwd, task) if task.unrelated else float("nan")
+    row = MethodResult(kind, n_trainable(reft), task.accuracy(fwd, task.test), kl,
+                       {"final_loss": losses[-1], "base_accuracy": task.accuracy(plain(model), task.test)})
+    return row, reft
+
+
 def compare(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], d_model: int, *,
             recipe: TrainRecipe = TrainRecipe(), batch_size: int = 32, rank: int = 4, positions: str = "f2+l2",
             lora_rank: int = 8, lora_alpha: float = 16.0, full_lr: float | None = None, seed: int = 0,
@@ -169,7 +185,7 @@ def compare(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], d_mod
     """Every method of ``methods`` on ``task``, in one table (see the module docstring)."""
     frozen(model)
     base = plain(model)
-    batches = _batches(task, batch_size, seed)
+    batches = train_batches(task, batch_size, seed)
     rows: list[MethodResult] = []
 
     def add(name: str, fwd: Forward, params: int, data: Sequence[Any], **detail: Any) -> None:

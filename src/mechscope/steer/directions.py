@@ -1,7 +1,7 @@
 """Steering directions: vectors in a site's activation space that stand for a concept.
 
 All take activations that the caller read at one site and position (``[n, d]`` rows, e.g.
-from :func:`mechscope.probe.collect.activations`) and return a direction ``[d]``:
+from :func:`mechscope.core.collect.activations`) and return a direction ``[d]``:
 
 - :func:`diff_of_means`: mean h(concept) - mean h(no concept), unpaired;
 - :func:`paired_mean_difference`: mean over pairs of h(+) - h(-) (contrastive activation
@@ -11,6 +11,9 @@ from :func:`mechscope.probe.collect.activations`) and return a direction ``[d]``
   RepE reading vector, Zou et al. 2023, arXiv 2310.01405), sign set so that it points
   from - to +;
 - :func:`probe_direction`: the weight of a linear probe, mapped back to raw activations.
+
+:func:`find_direction` picks one of them by name (:data:`METHODS`) for concept and
+concept-free activations, scaled alike, as ``mechscope steer --method`` does.
 """
 
 from __future__ import annotations
@@ -99,6 +102,31 @@ def probe_direction(acts: Any, labels: Any, **probe_options: Any) -> Tensor:  # 
     if fit.probe.classes.numel() != 2:
         raise DirectionError(f"a probe direction needs binary labels, got {fit.probe.classes.numel()} classes")
     return fit.probe.direction().float()
+
+
+METHODS = ("diff_of_means", "pca", "actadd", "probe")
+
+
+def find_direction(method: str, pos: Any, neg: Any, seed: int = 0) -> Tensor:  # [n, d], [m, d] -> [d]
+    """The direction ``method`` (one of :data:`METHODS`) finds from concept activations ``pos``
+    and concept-free activations ``neg``, in raw activation units.
+
+    ``actadd`` uses the first pair; ``pca`` pairs the i-th rows of each and scales the unit
+    reading vector by the norm of the difference of means, so that a coefficient means the
+    same for every method; ``probe`` fits a binary probe (concept = 1) on both sets.
+    """
+    a, b = torch.as_tensor(pos), torch.as_tensor(neg)  # each function checks its rows; the scale is in their dtype
+    if method == "diff_of_means":
+        return diff_of_means(a, b)
+    if method == "probe":
+        y = torch.cat([torch.ones(len(a)), torch.zeros(len(b))]).long()
+        return probe_direction(torch.cat([a, b]), y, seed=seed)
+    m = min(len(a), len(b))  # pair the i-th concept input with the i-th concept-free one
+    if method == "actadd":
+        return actadd(a[0], b[0])
+    if method == "pca":
+        return pca_of_differences(a[:m], b[:m], seed=seed) * float((a.mean(0) - b.mean(0)).norm())
+    raise DirectionError(f"unknown direction method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def unit(v: Tensor) -> Tensor:

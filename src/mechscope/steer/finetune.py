@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.run import logits_of
 from mechscope.steer.reft import Reft, prompt_positions
 
 BatchFn = Callable[[int], Any]  # step -> supervised batch
@@ -33,11 +34,6 @@ class TrainRecipe:
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of steps of linear warm-up (one-cycle schedule)
     clip: float = 1.0
-
-
-def logits_of(out: Any) -> Tensor:
-    """Logits from a plain model (a tensor) or a Hugging Face output (``.logits``)."""
-    return out if isinstance(out, Tensor) else out.logits
 
 
 def supervised_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechscope.core.checkpoint import load_module_state, load_tensors, save_module
+from mechscope.core.checkpoint import load_module_state, load_tensors, save_json_atomic, save_module
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
@@ -291,8 +291,6 @@ def hand_set_model(vocab: int = 12, half_len: int = 6, sharpness: float = 30.0) 
 def train_and_ship(out_dir: Path, log: Callable[[str], None] = print, n_layers: int = 2) -> list[Path]:
     """``mechscope train induction``: the recipe's model, written as ``induction_{n}l.safetensors``
     with its training history beside it (``.json``)."""
-    from mechscope.core.checkpoint import save_json_atomic
-
     cfg = InductionConfig(n_layers=n_layers)
     model, hist = train_induction(cfg, log=log)
     path = Path(out_dir) / f"induction_{n_layers}l.safetensors"

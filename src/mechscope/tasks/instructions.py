@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.batch import collate
+from mechscope.core.run import logits_of
+from mechscope.steer.baselines import SupervisedTask
 from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
@@ -157,11 +159,6 @@ def extend(inputs: dict[str, Tensor], token: Tensor) -> dict[str, Tensor]:
     return {"input_ids": torch.cat([inputs["input_ids"], token[:, None]], 1), "attention_mask": mask, "position_ids": pos}
 
 
-def logits_of(out: Any) -> Tensor:
-    """Logits from a plain model (a tensor) or a Hugging Face output (``.logits``)."""
-    return out if isinstance(out, Tensor) else out.logits
-
-
 Forward = Callable[[dict, Tensor, Tensor], Any]  # (inputs, prompt_start, prompt_len) -> output
 
 
@@ -201,8 +198,6 @@ def exact_match(forward: Forward, data: Sequence[Example], batch_size: int = 256
 
 def comparison_task(n_train: int = 1000, n_test: int = 500, n_unrelated: int = 500, seed: int = 0) -> Any:
     """The control task as a :class:`mechscope.steer.baselines.SupervisedTask`."""
-    from mechscope.steer.baselines import SupervisedTask
-
     s = seed * 100
     return SupervisedTask(train=control_task(n_train, s + 1), test=control_task(n_test, s + 2),
                           prompted_train=prompted_task(n_train, s + 1), prompted_test=prompted_task(n_test, s + 2),

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechscope.core.run import cache
+from mechscope.core.site import Site
 from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
@@ -329,9 +331,6 @@ def probe_rows(games: Games, per_game: int, seed: int = 0) -> tuple[Tensor, Tens
 def residuals(model: Transformer, games: Games, layers: list[int], game: Tensor, pos: Tensor,
               batch: int = 500) -> dict[int, Tensor]:
     """Residual stream after block ``l`` (``-1``: the embeddings) at the given rows: ``{l: [N, d]}``."""
-    from mechscope.core.run import cache
-    from mechscope.core.site import Site
-
     sites = {l: Site("blocks.0", io="input") if l == -1 else Site(f"blocks.{l}") for l in layers}
     out: dict[int, list[Tensor]] = {l: [] for l in layers}
     for start in range(0, len(game), batch):

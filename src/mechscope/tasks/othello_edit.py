@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechscope.tasks.othello import (MODEL, SIZE, Games, _to_tokens, legal_moves, predicted_set,
-                                     relative_states)
+from mechscope.core.run import run
+from mechscope.core.site import Site
+from mechscope.tasks.othello import Games, MODEL, SIZE, _to_tokens, legal_moves, predicted_set, relative_states
 from mechscope.zoo.transformer import Transformer
 
 
@@ -120,8 +121,6 @@ def edit_layers() -> list[int]:
 
 def _edit_plan(probes: dict[int, Any], cases: EditCases, margin: float | None, random_seed: int | None,
                lengths: list[Tensor] | None, record: list | None) -> list[tuple[Any, SetMargin]]:
-    from mechscope.core.site import Site
-
     n = len(cases.game)
     plan = []
     for i, (layer, probe) in enumerate(probes.items()):
@@ -151,8 +150,6 @@ def probe_edit(model: Transformer, games: Games, cases: EditCases, probes: dict[
     also ``random_*``: the same edits, each layer's displacement of the same length as the probe
     edit's there, along random directions. ``edit_length``: mean displacement length per layer.
     """
-    from mechscope.core.run import run
-
     probes = dict(sorted(probes.items()))  # layer order: the order the forward pass records the lengths in
     n = len(cases.game)
     rows = torch.arange(n)

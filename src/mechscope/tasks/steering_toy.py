@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechscope.core.collect import activations
+from mechscope.steer.directions import paired_mean_difference
 from mechscope.zoo.recipes import load_shipped, save_shipped, train_steps
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
@@ -158,9 +160,6 @@ def query_kl(clean: Tensor, steered: Tensor) -> float:
 
 def concept_direction(model: Transformer, site: Any, n: int = 2000, seed: int = 10_000) -> Tensor:
     """The planted concept's direction at ``site``: mean over matched pairs of h(marked) - h(plain)."""
-    from mechscope.probe.collect import activations
-    from mechscope.steer.directions import paired_mean_difference
-
     marked, plain = pairs(n, seed)
     return paired_mean_difference(activations(model, marked, site), activations(model, plain, site))
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.checkpoint import load_tensors, save_module
+from mechscope.core.checkpoint import load_module_state, load_tensors, save_module
 from mechscope.core.config import Config, ConfigError, config, param
 
 # dimensionalities that the uniform polytopes of the paper give each feature
@@ -241,8 +241,6 @@ def save_tms(path: str | Path, model: TMS) -> None:
 
 def load_tms(path: str | Path) -> TMS:
     """Load a :func:`save_tms` checkpoint, rebuilding the model from its recorded config."""
-    from mechscope.core.checkpoint import load_module_state
-
     _, meta = load_tensors(path)
     model = TMS(TMSConfig.from_dict(meta["config"]))
     load_module_state(path, model)

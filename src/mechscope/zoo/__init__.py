@@ -1,7 +1,8 @@
-"""Built-in models, by name: ``build("transformer")``, ``names()``.
+"""Built-in architectures, by name: ``build("transformer")``, ``names()``.
 
-Later worlds register their trained models here (shipped as small safetensors
-checkpoints); the entries below are randomly initialised, seeded, and need no files.
+Architectures only: each entry is randomly initialised, seeded, and needs no files. The
+trained models of the built-in worlds (the steering toy, the instruction model, Othello,
+...) are tasks: :func:`mechscope.tasks.registry.build_model` builds either by name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from mechscope.zoo.mlp import MLP
+from mechscope.zoo.transformer import Transformer, TransformerConfig
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 
@@ -31,7 +35,7 @@ def describe(name: str) -> str:
 
 
 def build(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A built-in model in eval mode; unknown names list the valid ones."""
+    """A built-in architecture in eval mode; unknown names list the valid ones."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown built-in model {name!r}; valid: {', '.join(names())}")
     torch.manual_seed(seed)
@@ -40,42 +44,15 @@ def build(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
 
 @register("mlp", "random MLP 16-16-16-16-2 with ReLU (hierarchical-equality shape)")
 def _mlp(widths: tuple[int, ...] = (16, 16, 16, 16, 2)) -> nn.Module:
-    from mechscope.zoo.mlp import MLP
-
     return MLP(widths)
 
 
 @register("transformer", "random 2-layer GPT-style transformer, d_model 64, 4 heads")
 def _transformer(**cfg: Any) -> nn.Module:
-    from mechscope.zoo.transformer import Transformer, TransformerConfig
-
     return Transformer(TransformerConfig(**cfg))
 
 
 @register("gpt2_small_shape", "random 12-layer transformer shaped like GPT-2 small (d_model 768, 12 heads)")
 def _gpt2_small(**cfg: Any) -> nn.Module:
-    from mechscope.zoo.transformer import Transformer, TransformerConfig
-
     base = dict(vocab=50257, n_ctx=1024, d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072)
     return Transformer(TransformerConfig(**{**base, **cfg}))
-
-
-@register("steering_toy", "trained 3-layer transformer that emits R when a planted concept (a marked token) is present")
-def _steering_toy() -> nn.Module:
-    from mechscope.tasks.steering_toy import load
-
-    return load()
-
-
-@register("instructions", "trained 3-layer transformer following instruction tokens (copy, reverse, sort, shift)")
-def _instructions() -> nn.Module:
-    from mechscope.tasks.instructions import load
-
-    return load()
-
-
-@register("othello", "trained 6-layer world model of 6x6 Othello (legal moves of random games)")
-def _othello() -> nn.Module:
-    from mechscope.tasks.othello import load
-
-    return load()

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from mechscope.core.checkpoint import MissingCheckpointError, load_module_state, save_module
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
 
@@ -43,16 +44,12 @@ def train_steps(model: Transformer, recipe: Any, loss_at: Callable[[int], Tensor
 
 def save_shipped(path: str | Path, model: Transformer, model_cfg: TransformerConfig, recipe: Any) -> None:
     """Write the weights with the model config and the recipe as metadata (atomically)."""
-    from mechscope.core.checkpoint import save_module
-
     save_module(path, model, {"model": dataclasses.asdict(model_cfg), "recipe": dataclasses.asdict(recipe)})
 
 
 def load_shipped(path: str | Path, model_cfg: TransformerConfig, what: str, task: str) -> Transformer:
     """A shipped (or retrained) checkpoint in eval mode; a missing file names the command
     that writes it (``mechscope train <task>``)."""
-    from mechscope.core.checkpoint import MissingCheckpointError, load_module_state
-
     if not Path(path).exists():
         raise MissingCheckpointError(f"no {what} checkpoint at {path}; run `mechscope train {task}`")
     model = Transformer(model_cfg)

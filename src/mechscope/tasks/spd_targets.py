@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from mechscope.core.checkpoint import MissingCheckpointError, load_module_state, load_tensors, save_module
+from mechscope.spd.checkpoint import decomposition_from_state, save_decomposition
 from mechscope.spd.config import SPDConfig
+from mechscope.spd.train import STATE_FILE, train_spd
 from mechscope.tasks import resid_mlp as rm
 from mechscope.tasks import tms
 
@@ -177,9 +179,6 @@ def decompose_target(name: str, out_dir: str | Path, steps: int | None = None, s
     Writes the run (resumable) to ``out_dir``; with ``ship`` also copies the final
     decomposition to the zoo (``spd_<name>_decomposition.safetensors``).
     """
-    from mechscope.spd.checkpoint import save_decomposition
-    from mechscope.spd.train import train_spd
-
     t = target(name)
     cfg = t.spd.replace(seed=seed, **({"steps": steps} if steps is not None else {}), **changes)
     model = load_target(name)
@@ -195,9 +194,6 @@ def decompose_target(name: str, out_dir: str | Path, steps: int | None = None, s
 def ship_partial(name: str, run_dir: str | Path) -> Path:
     """Ship the decomposition of a run still in progress (its last checkpoint), recording how
     many of the published steps it has had, so that the bench says the setting was reduced."""
-    from mechscope.spd.checkpoint import decomposition_from_state, save_decomposition
-    from mechscope.spd.train import STATE_FILE
-
     t = target(name)
     dec, step = decomposition_from_state(Path(run_dir) / STATE_FILE, load_target(name))
     save_decomposition(t.decomposition_checkpoint, dec, {"target": name, "steps": step, "published_steps": t.spd.steps,
@@ -219,9 +215,6 @@ def _ship_target(name: str) -> Callable[[Path, Callable[[str], None]], list[Path
 def _ship_decomposition(name: str) -> Callable[[Path, Callable[[str], None]], list[Path]]:
     def decompose_and_ship(out_dir: Path, log: Callable[[str], None]) -> list[Path]:
         """Decompose the target in ``out_dir`` (else the shipped one) at the published settings."""
-        from mechscope.spd.checkpoint import save_decomposition
-        from mechscope.spd.train import train_spd
-
         t = target(name)
         own = Path(out_dir) / t.checkpoint.name
         model = load_target(name, own if own.exists() else None)

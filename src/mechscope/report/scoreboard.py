@@ -21,6 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mechscope.core.atomic import atomic_write
+from mechscope.core.paths import PathError, confined
+
 SCHEMA = 1
 ROW_KEYS = ("task", "method", "metric", "value", "threshold", "passed", "baselines", "seconds", "detail")
 TOP_KEYS = ("schema", "mechscope", "torch", "device", "seed", "started", "seconds", "rows")
@@ -28,15 +31,6 @@ TOP_KEYS = ("schema", "mechscope", "torch", "device", "seed", "started", "second
 
 class ScoreboardError(ValueError):
     """A scoreboard file is missing, unreadable, or not schema version 1."""
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (readers see the old file or the new
-    one, never half of one), with the umask's permissions like any other file."""
-    from mechscope.core.checkpoint import atomic_open
-
-    with atomic_open(path) as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def write_scoreboard(path: Path, scoreboard: dict[str, Any]) -> None:
@@ -73,8 +67,6 @@ def load_scoreboard(path: Path) -> dict[str, Any]:
 def check_figures(figures: Any, base_dir: Path, where: str) -> None:
     """Figure entries are objects with task, method and name, and a ``path`` inside ``base_dir``
     (or a ``missing`` note); a path leading outside it is refused, naming the entry."""
-    from mechscope.core.paths import PathError, confined
-
     if not isinstance(figures, list):
         raise ScoreboardError(f"{where}: 'figures' must be a list, got {type(figures).__name__}")
     for i, fig in enumerate(figures):

@@ -11,7 +11,9 @@ each high-level variable to a set of its latents is found exactly as for neurons
   the latents instead of the neurons.
 
 Both are then scored by the same IIA on held-out counterfactuals, so SAE features land
-in one table with DAS, neurons and the random subspace.
+in one table with DAS, neurons and the random subspace. Two methods meet here (a
+dictionary from ``sae`` and the search of ``causal``), so this lives in the bench, above
+both.
 """
 
 from __future__ import annotations
@@ -28,26 +30,18 @@ from mechscope.causal.das import FitConfig
 from mechscope.causal.dbm import dbm
 from mechscope.causal.engine import Readout, identity_readout
 from mechscope.causal.search import search_alignments
-from mechscope.core.run import cache
+from mechscope.core.collect import activations
 from mechscope.core.site import Site
-from mechscope.core.store import flatten_rows
 from mechscope.sae.arch import SAEConfig
 from mechscope.sae.featurizer import SAEFeaturizer
 from mechscope.sae.train import TrainConfig, TrainResult, train
-
-
-def site_rows(model: nn.Module, inputs: Tensor, site: Site, chunk: int = 8192) -> Tensor:  # [n, d]
-    """Activations of ``site`` on ``inputs`` as rows (one forward per chunk, stopped at the site)."""
-    with torch.no_grad():
-        parts = [flatten_rows(cache(model, x, [site])[site], site) for x in inputs.split(chunk)]
-    return torch.cat(parts)
 
 
 def train_site_sae(model: nn.Module, sample: Callable[[int, torch.Generator], Tensor], site: Site,
                    sae_cfg: SAEConfig, cfg: TrainConfig, n_rows: int = 200_000, seed: int = 0) -> TrainResult:
     """Train a dictionary on ``n_rows`` activations of ``site`` over inputs drawn by ``sample(n, generator)``."""
     gen = torch.Generator().manual_seed(seed)
-    rows = site_rows(model, sample(n_rows, gen), site)  # [n_rows, d]
+    rows = activations(model, sample(n_rows, gen), site, batch_size=8192)  # [n_rows, d]
 
     def stream():
         g = torch.Generator().manual_seed(seed + 1)

@@ -1,26 +1,76 @@
-"""Data-parallel training across processes: ``torchrun --nproc-per-node N ...``.
+"""Data parallelism under ``torchrun``: one process per rank, collectives over the default group.
 
-Every process holds a full copy of the dictionary and trains on its own share of the
-data; after each backward the gradients are averaged with one all-reduce of a flat
-buffer (what ``DistributedDataParallel`` does with its buckets; done by hand here because
-a step is a few custom sparse kernels rather than one ``forward``). Everything else a
-step decides from the data is agreed on across processes too, so the copies never
-drift: the normalisation scale and initial biases (averaged), which latents fired
-(any process), the BatchTopK threshold sample (minimum), resampled latents (chosen on
-process 0 and broadcast). Only process 0 writes checkpoints and logs.
+Every process holds the whole model being trained (a dictionary, a decomposition) and
+trains on its own share of the data; gradients are averaged over processes, and only
+process 0 writes checkpoints and logs. Outside ``torchrun`` (no process group) every helper
+here is the single-process identity, so training code is written once for both.
 
-On CPU the backend is ``gloo``; on GPUs ``nccl``. A single process uses :class:`Comm`,
-whose methods do nothing.
+Two styles, for two kinds of training step:
+
+- the module-level helpers (:func:`world`, :func:`barrier`, :func:`generator`,
+  :func:`mean_over_ranks`, :func:`wrap`), for a step that is one ``forward`` of a module:
+  ``DistributedDataParallel`` averages its gradients (SPD);
+- :class:`Comm` / :class:`DistComm` (from :func:`init_distributed`), for a step made of
+  custom kernels, where the trainer averages gradients itself with one all-reduce of a flat
+  buffer and agrees on everything else it decides from the data (SAE training).
+
+On CPU the backend is ``gloo``; on GPUs ``nccl``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def stream_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """A distinct seed per (run seed, random stream, rank): data and masks differ per rank."""
+    return (seed * 1_000_003 + stream * 7_919 + rank * 104_729 + 1) % (2 ** 63 - 1)
+
+
+def generator(seed: int, stream: int, rank: int | None = None) -> torch.Generator:
+    rank = world()[0] if rank is None else rank
+    return torch.Generator().manual_seed(stream_seed(seed, stream, rank))
+
+
+def mean_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """Average scalar metrics over all ranks (every rank gets the same numbers)."""
+    if world()[1] == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= world()[1]
+    return dict(zip(keys, t.tolist()))
+
+
+def wrap(module: nn.Module) -> nn.Module:
+    """``DistributedDataParallel(module)`` when distributed (it broadcasts rank 0's parameters)."""
+    if world()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module)
 
 
 class Comm:
@@ -62,8 +112,7 @@ class DistComm(Comm):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistComm needs an initialised process group; call init_distributed() "
                                "under torchrun first (or use Comm() for one process)")
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.rank, self.world_size = world()
 
     def average_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         grads = [p.grad for p in params if p.grad is not None]

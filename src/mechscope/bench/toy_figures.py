@@ -7,12 +7,12 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
+from mechscope.tasks.tms import dimensions_per_feature, feature_norms, interference
+
 
 def tms_geometry(fig: Any, W: Tensor, probs: Sequence[float], importance: Tensor) -> None:
     """One panel per instance: each feature's column W_i ∈ R² drawn from the origin,
     coloured by importance (the paper's intro figure, n = 5, m = 2, across sparsity)."""
-    from mechscope.tasks.tms import dimensions_per_feature
-
     W = W.detach()
     k = W.shape[0]
     dstar = dimensions_per_feature(W)
@@ -38,7 +38,6 @@ def tms_norm_bars(fig: Any, W: Tensor, probs: Sequence[float], instances: Sequen
     Σ_{j≠i} (Ŵ_i·W_j)² (dark: orthogonal to the others; bright: in superposition)."""
     import matplotlib
 
-    from mechscope.tasks.tms import feature_norms, interference
 
     norms, inter = feature_norms(W), interference(W)
     cmap = matplotlib.colormaps["viridis"]

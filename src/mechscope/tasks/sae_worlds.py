@@ -33,6 +33,7 @@ from mechscope.sae.arch import SAE, SAEConfig
 from mechscope.sae.io import load_sae, read_sae_metadata, save_sae
 from mechscope.sae.splice import ce_loss_recovered, next_token_loss
 from mechscope.sae.train import TrainConfig, TrainResult, train
+from mechscope.tasks import grokking, induction
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints"
 WORLDS = ("induction", "grokking")
@@ -70,8 +71,6 @@ def _table_stream(make_table: Callable[[], Tensor]) -> Callable[[int, int], Iter
 
 def induction_world(model_file: str = "induction_2l.safetensors", n_sequences: int = 8192) -> ToyWorld:
     """The residual stream after layer 0 over ``n_sequences`` training-distribution sequences (41 tokens each)."""
-    from mechscope.tasks import induction
-
     model, cfg = induction.load(CHECKPOINTS / model_file)
     site = Site("blocks.0", name="resid_post.0")
 
@@ -90,8 +89,6 @@ def _default_grokking_file() -> str:
 
 
 def grokking_world(model_file: str | None = None) -> ToyWorld:
-    from mechscope.tasks import grokking
-
     model_file = model_file or _default_grokking_file()
     model = grokking.load(CHECKPOINTS / model_file)
     p = model.cfg.p
@@ -190,7 +187,7 @@ def train_and_ship_toy_worlds(out_dir: Path, log: Callable[[str], None] = print,
             scores = score(world, result.sae)
             path = Path(out_dir) / checkpoint_name(name, arch)
             save_sae(path, result.sae, dtype=torch.float16 if result.sae.d_in * result.sae.d_sae > 2 ** 17 else None,
-                     extra={"recipe": "mechscope.sae.worlds:train_and_ship_toy_worlds", "world": name,
+                     extra={"recipe": "mechscope.tasks.sae_worlds:train_and_ship_toy_worlds", "world": name,
                             "model_file": world.model_file, "site": world.site.to_dict(),
                             "history": result.history, "scores_fp32": scores})
             log(f"wrote {path}: CE loss recovered {scores['ce_loss_recovered']:.4f}, L0 {scores['l0']:.1f}, "

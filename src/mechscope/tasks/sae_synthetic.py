@@ -82,7 +82,7 @@ def train_and_ship_synthetic(out_dir: Path, log: Callable[[str], None] = print, 
         world_cfg, _, cfg = synthetic_setting(auxk, steps, tied_init)
         path = Path(out_dir) / SYNTHETIC_FILES[name]
         save_sae(path, result.sae, dtype=torch.float16, extra={
-            "recipe": "mechscope.sae.recipes:train_and_ship_synthetic", "world": world_cfg.to_dict(),
+            "recipe": "mechscope.tasks.sae_synthetic:train_and_ship_synthetic", "world": world_cfg.to_dict(),
             "train": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_dir"},
             "history": result.history, "scores_fp32": scores})
         log(f"wrote {path}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))

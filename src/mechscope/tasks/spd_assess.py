@@ -30,7 +30,7 @@ from mechscope.spd.evals import (
     tms_mechanisms,
 )
 from mechscope.spd.figures import draw_importance_matrix, draw_norms, draw_vs_features
-from mechscope.spd.targets import data_fn, target
+from mechscope.tasks.spd_targets import data_fn, target
 
 ONE_HOT_VALUE = 0.75
 

@@ -1,0 +1,102 @@
+"""Where a command's model comes from: the ``--model`` / ``--hf-config`` options that every
+command on a model shares, and the one function that turns them into a model.
+
+A command's config subclasses :class:`ModelSource`, so the two options come first in its
+``--help`` and are validated the same way everywhere; a command rewords their help for
+its own default through ``FIELD_HELP`` (see :func:`mechscope.core.config.field_help`).
+:func:`load` is the only place a ``--model`` value is resolved: a new kind of source (a
+local directory, a GGUF file, a short name) is one more branch there, and every command
+gets it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+from mechscope.cli import UsageError
+from mechscope.core.config import Config, ConfigError, config, param
+
+
+@config
+class ModelSource(Config):
+    """A built-in model by name, or a random Hugging Face causal LM from its config.
+
+    At most one of the two may be given (exactly one where ``model_required`` is set);
+    with neither, the command's own default model is used."""
+
+    model_required: ClassVar[bool] = False
+
+    model: Optional[str] = param(None, metavar="NAME_OR_PATH",
+                                 help="a built-in model (`mechscope train --list`), a local Hugging Face model "
+                                      "directory, a .gguf file, gemma-3-270m (the mechscope[real] extra) or a Hub "
+                                      "name already in the local cache")
+    hf_config: Optional[str] = param(None, metavar="PATH_OR_JSON", help="a Hugging Face config.json (random weights)")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", help="dtype of a pretrained model")
+    device: str = param("cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (accelerate's device map)")
+    download: bool = param(False, help="allow downloading a Hub model (never otherwise)")
+
+    def validate(self) -> None:
+        if self.model_required and (self.model is None) == (self.hf_config is None):
+            raise ConfigError("give exactly one of --model NAME or --hf-config PATH_OR_JSON")
+        if self.model is not None and self.hf_config is not None:
+            raise ConfigError("give at most one of --model and --hf-config")
+
+
+def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> tuple[Any, Any]:
+    """``(model, tokenizer or None)`` that ``source`` names, ``default`` (a built-in name)
+    when it names none; a Hugging Face config builds a random model seeded by ``seed``. Bad
+    names and configs are usage errors (exit 2)."""
+    if source.hf_config is not None:
+        from mechscope.core.models import hf_model_from_config
+
+        try:
+            return hf_model_from_config(source.hf_config, seed=seed), None
+        except (ImportError, OSError, ValueError) as e:
+            raise hf_config_error(e) from None
+    name = source.model or default
+    from mechscope.core.load import ModelLoadError, load_model
+    from mechscope.tasks import registry  # the zoo's architectures and the worlds' trained models
+
+    if name in registry.model_names():
+        return registry.build_model(name), None
+    try:
+        return load_model(name, dtype=source.dtype, device=source.device, allow_download=source.download)
+    except ModelLoadError as e:
+        if Path(name).exists():  # a real path whose contents are wrong: the loader's message says what
+            raise UsageError(str(e)) from None
+        raise UsageError(f"unknown model {name!r}; valid: a built-in model ({', '.join(registry.model_names())}) "
+                         f"or a pretrained one: {e}") from None
+
+
+def hf_config_error(e: Exception) -> UsageError:
+    """A usage error for a config transformers cannot build, in one short line (transformers'
+    own message for an unknown ``model_type`` lists every one it knows: 10 KB)."""
+    text = str(e)
+    unknown = re.search(r"(transformers \S+ )?does not know model_type ('[^']*'|\S+)", text)
+    if unknown or "Unrecognized model identifier" in text:
+        said = unknown.group(0) if unknown else "transformers does not know the config's model_type"
+        return UsageError(f"cannot build a model from --hf-config: {said}; check the spelling "
+                          "(e.g. gpt2, llama, qwen2, gemma3_text), or upgrade transformers")
+    text = " ".join(text.split())
+    return UsageError(f"cannot build a model from --hf-config: {text[:500]}{'...' if len(text) > 500 else ''}")
+
+
+def check_inputs(model: Any, inputs: Any, data: str) -> None:
+    """Token ids of ``--data`` checked against the model's vocabulary before any forward."""
+    from mechscope.core.jsonl import check_token_ids, vocab_size
+
+    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+    check_token_ids(ids, vocab_size(model), f"--data {data}")
+
+
+def resolve_site(model: Any, spec: str, **fields: Any) -> Any:
+    """The site ``spec`` (an alias or a module path) of ``model``; a bad one is a usage error."""
+    from mechscope.core.models import resolve
+    from mechscope.core.site import SiteError
+
+    try:
+        return resolve(model, spec, **fields)
+    except (SiteError, ValueError) as e:
+        raise UsageError(f"cannot use site {spec!r}: {e}") from None

@@ -1,0 +1,42 @@
+"""Fixtures for tests of real-model loading, text and generation, with no download: a
+word-level tokenizer trained here on template text (the ``tokenizers`` library, wrapped
+as a transformers ``PreTrainedTokenizerFast``) and tiny random Hugging Face models saved
+with ``save_pretrained``."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests run with --import-mode=importlib
+
+from real_helpers import make_tokenizer, template_text, tiny_gemma3, tiny_llama
+
+
+@pytest.fixture(scope="session")
+def texts():
+    return template_text()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(texts):
+    return make_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A local Hugging Face directory: config, model.safetensors, tokenizer files."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gemma(tokenizer):
+    return tiny_gemma3(len(tokenizer))
