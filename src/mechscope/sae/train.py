@@ -34,8 +34,17 @@ from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.core.distributed import Comm
 from mechscope.core.lock import lock_dir
 from mechscope.core.progress import Progress
-from mechscope.sae.arch import SAE, TOPK_FAMILY, SAEConfig, SAEError, fold_scale, to_jumprelu
+from mechscope.sae.arch import (
+    SAE,
+    TOPK_FAMILY,
+    SAEConfig,
+    SAEError,
+    fold_scale,
+    to_jumprelu,
+)
 from mechscope.sae.objectives import OBJECTIVES, LossSettings, StepOutput
+from mechscope.sae.resample import resample_dead
+from mechscope.sae import resume  # called through the module: tests count its checkpoint writes
 
 
 @config
@@ -264,8 +273,6 @@ class Trainer:
         self.step_count += 1
         self.tokens += global_batch
         if self.recipe.dead_fix == "resample" and self.step_count % self.cfg.resample_every == 0:
-            from mechscope.sae.resample import resample_dead
-
             if resample_dead(self, x_n, out.y_hat, y_n):
                 self.rewarm_from = self.step_count
 
@@ -330,11 +337,9 @@ def progress_text(m: dict[str, float]) -> str:
 def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str | torch.device,
          on_log: Callable[[dict[str, float], "Trainer"], None] | None) -> TrainResult:
     """The loop of :func:`train`: resume from ``ckpt`` if it exists, step, log, checkpoint."""
-    from mechscope.sae.resume import load_checkpoint, save_checkpoint
-
     cfg = trainer.cfg
     if ckpt is not None and ckpt.exists():
-        load_checkpoint(trainer, ckpt)
+        resume.load_checkpoint(trainer, ckpt)
     bar = Progress(cfg.steps, label="sae", enabled=cfg.progress and trainer.comm.is_main, start=trainer.step_count)
     skip = trainer.step_count
     it = iter(data)
@@ -360,7 +365,7 @@ def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str |
             bar.update(trainer.step_count, progress_text(entry))
         if ckpt is not None and (last or (cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0)):
             if trainer.comm.is_main:
-                save_checkpoint(trainer, ckpt)
+                resume.save_checkpoint(trainer, ckpt)
             trainer.comm.barrier()
     bar.close()
     return TrainResult(trainer.export(), trainer, trainer.history)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.intervene import Zero
 from mechscope.core.run import HookCall, find_module, run
 from mechscope.core.site import Site
 from mechscope.spd.components import SPDError
@@ -103,8 +104,6 @@ def unlearning_table(model: nn.Module, dec: Decomposition, ci: Tensor, path: str
                      seed: int = 0) -> dict[str, Any]:
     """Ablate what ``feature`` needs at ``path``; compare errors with the original model and
     with ``zero_site`` zero-ablated (the level of a model that lacks the computation)."""
-    from mechscope.core.intervene import Zero
-
     cols = feature_subcomponents(ci, feature)
     edited = ablate_weights(model, dec, {path: cols})
     x = single_feature_inputs(ci.shape[0], per_feature, torch.Generator().manual_seed(seed))

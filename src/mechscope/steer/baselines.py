@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.run import run
+from mechscope.core.collect import activations
+from mechscope.core.run import logits_of, run
 from mechscope.core.site import Site
 from mechscope.steer.apply import Steer
-from mechscope.core.run import logits_of
+from mechscope.steer.directions import paired_mean_difference
 from mechscope.steer.finetune import (
     TrainRecipe,
     frozen,
@@ -128,9 +129,6 @@ def train_batches(task: SupervisedTask, batch_size: int, seed: int) -> Callable[
 # --------------------------------------------------------------------------- the methods
 def caa_vectors(model: nn.Module, task: SupervisedTask, sites: Sequence[Site], where: int = -1) -> list[Tensor]:
     """Mean over training pairs of h(prompted) - h(plain) at prompt position ``where``, per site."""
-    from mechscope.core.collect import activations
-    from mechscope.steer.directions import paired_mean_difference
-
     with_instr, without = task.batch(list(task.prompted_train)), task.batch(list(task.train))
     out = []
     for site in sites:

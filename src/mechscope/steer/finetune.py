@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.models import structure
 from mechscope.core.run import logits_of
 from mechscope.steer.reft import Reft, prompt_positions
 
@@ -109,8 +110,6 @@ def train_full(model: nn.Module, batches: BatchFn, recipe: TrainRecipe = TrainRe
 
 def lora_targets(model: nn.Module) -> list[str]:
     """Names (last path component) of every nn.Linear inside the model's blocks: LoRA's usual targets."""
-    from mechscope.core.models import structure
-
     s = structure(model)
     inside = tuple(b.path + "." for b in s.blocks)
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from mechscope.core.checkpoint import load_module_state, load_tensors, save_module
 from mechscope.core.run import run
 from mechscope.core.site import Site
 
@@ -159,15 +160,11 @@ class Reft(nn.Module):
 
 def save_reft(path: str | Path, reft: Reft) -> None:
     """Save the interventions' weights with their sites, kind, rank and positions."""
-    from mechscope.core.checkpoint import save_module
-
     save_module(path, reft, {"reft": reft.config()})
 
 
 def load_reft(path: str | Path) -> Reft:
     """Rebuild a :class:`Reft` from :func:`save_reft`'s file."""
-    from mechscope.core.checkpoint import load_module_state, load_tensors
-
     _, meta = load_tensors(path, verify=False)
     cfg = (meta or {}).get("config", {}).get("reft") if isinstance(meta, dict) else None
     if not isinstance(cfg, dict):
