@@ -184,6 +184,27 @@ def test_resume_with_different_settings_is_refused(tmp_path):
         write_store(Tagger(), EMBED, data, tmp_path, resume=False)
 
 
+def test_meta_is_recorded_and_must_match_to_resume(tmp_path):
+    data, meta = id_batches(), {"corpus": "a.txt", "model": {"sha": "1", "torch": "2.13"}}
+    with pytest.raises(RuntimeError):
+        write_store(Tagger(), EMBED, interrupted(data, 3, RuntimeError()), tmp_path, shard_rows=10, meta=meta)
+    assert open_store(tmp_path, allow_incomplete=True).meta == meta
+    with pytest.raises(ValueError, match='cannot resume.*corpus: store has "a.txt", asked for "b.txt"'):
+        write_store(Tagger(), EMBED, data, tmp_path, meta={**meta, "corpus": "b.txt"})
+    with pytest.raises(ValueError, match='model.torch: store has "2.13", asked for "2.14"'):
+        write_store(Tagger(), EMBED, data, tmp_path, meta={**meta, "model": {"sha": "1", "torch": "2.14"}})
+    assert write_store(Tagger(), EMBED, data, tmp_path, meta=meta).meta == meta
+
+
+def test_row_mask_chooses_the_stored_positions(tmp_path):
+    data = token_batches()
+    first_out = lambda batch: batch["attention_mask"].bool() & (torch.arange(batch["input_ids"].shape[1]) > 0)  # noqa: E731
+    store = write_store(MaskedLM(), Site("up"), data, tmp_path, row_mask=first_out)
+    model = MaskedLM()
+    want = torch.cat([cache(model, b, [Site("up")])[Site("up")][first_out(b)] for b in data])
+    assert store.n_rows == sum(int(first_out(b).sum()) for b in data) and torch.equal(store.to_tensor(), want)
+
+
 def test_complete_store_is_reused_without_running(tmp_path):
     model, data = Tagger(), id_batches()
     write_store(model, EMBED, data, tmp_path)

@@ -118,3 +118,22 @@ def test_unknown_label_at_scoring_time():
     probe = fit_probe(x, y)
     with pytest.raises(ProbeError, match="never saw"):
         probe.accuracy(x, torch.full((100,), 5))
+
+
+def test_balanced_accuracy_and_when_it_is_reported():
+    from mechscope.probe.linear import balanced_accuracy, is_imbalanced
+
+    target = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    always_zero = torch.zeros(10, dtype=torch.long)
+    assert float(balanced_accuracy(always_zero, target)) == 0.5  # accuracy 0.8, but chance per class
+    assert float(balanced_accuracy(target, target)) == 1.0
+    two_tasks = torch.stack([target, 1 - target], 1)
+    assert balanced_accuracy(two_tasks, two_tasks).tolist() == [1.0, 1.0]
+    assert is_imbalanced(target) and not is_imbalanced(torch.tensor([0, 1] * 5))
+    assert not is_imbalanced(torch.tensor([0] * 11 + [1] * 9))  # 55 %: within 1.1x the even share
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    skewed = (x[:, 0] > 1.0).long()  # about 16 % ones
+    fit = train_probe(x, skewed, seed=0)
+    assert fit.imbalanced and fit.balanced_accuracy is not None and fit.summary()["balanced_accuracy"] is not None
+    even = train_probe(x, (x[:, 0] > 0).long(), seed=0)
+    assert not even.imbalanced and even.balanced_accuracy is None

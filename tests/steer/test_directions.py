@@ -10,9 +10,9 @@ from mechscope.steer.directions import (
     diff_of_means,
     paired_mean_difference,
     pca_of_differences,
-    probe_direction,
     unit,
 )
+from mechscope.probe.linear import probe_direction
 
 
 def _planted(n=400, d=32, seed=0, scale=3.0):

@@ -5,6 +5,7 @@ import torch
 
 from mechscope.steer import directions as d
 from mechscope.steer.effects import next_token_effect
+from mechscope.probe.linear import probe_direction
 
 
 def test_find_direction_dispatches_to_each_method():
@@ -14,8 +15,10 @@ def test_find_direction_dispatches_to_each_method():
     assert torch.equal(d.find_direction("actadd", a, b), d.actadd(a[0], b[0]))
     pca = d.find_direction("pca", a, b, seed=3)
     assert torch.equal(pca, d.pca_of_differences(a[:30], b[:30], seed=3) * float((a.mean(0) - b.mean(0)).norm()))
-    probe = d.find_direction("probe", a, b)
+    probe = d.find_direction("probe", a, b, probe_fit=probe_direction)
     assert d.cosine(probe, d.diff_of_means(a, b)) > 0.8
+    with pytest.raises(d.DirectionError, match="probe_fit="):  # probes are a sibling method: the caller brings one
+        d.find_direction("probe", a, b)
     with pytest.raises(d.DirectionError, match="unknown direction method 'nope'; choose from diff_of_means"):
         d.find_direction("nope", a, b)
 

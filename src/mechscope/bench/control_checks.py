@@ -32,7 +32,8 @@ from mechscope.probe.mdl import online_codelength
 from mechscope.probe.sparse import RANKINGS, f1_score, sparse_probe
 from mechscope.steer.apply import ablate, steer
 from mechscope.steer.baselines import compare
-from mechscope.steer.directions import actadd, cosine, diff_of_means, pca_of_differences, probe_direction
+from mechscope.probe.linear import probe_direction
+from mechscope.steer.directions import actadd, cosine, diff_of_means, pca_of_differences
 from mechscope.steer.finetune import TrainRecipe
 from mechscope.steer.orthogonalize import orthogonalize_weights
 from mechscope.tasks import instructions as ins

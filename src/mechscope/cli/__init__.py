@@ -21,7 +21,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae")
+SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae", "store")
 
 
 class UsageError(Exception):

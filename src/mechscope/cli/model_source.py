@@ -100,3 +100,32 @@ def resolve_site(model: Any, spec: str, **fields: Any) -> Any:
         return resolve(model, spec, **fields)
     except (SiteError, ValueError) as e:
         raise UsageError(f"cannot use site {spec!r}: {e}") from None
+
+
+def has_tokenizer(source: ModelSource, default: Optional[str] = None) -> bool:
+    """Whether :func:`load` gives a tokenizer with the model, known before loading it: a
+    pretrained model comes with one; a built-in model and a random one from a config do not."""
+    if source.hf_config is not None:
+        return False
+    from mechscope.tasks import registry
+
+    return (source.model or default) not in registry.model_names()
+
+
+def uses_text(data: str, tokenizer: bool, builtins: tuple[str, ...]) -> bool:
+    """Whether ``--data`` is read as text rows (``{"text", "label"}``, tokenised with the model's
+    tokenizer): a file whose first row has "text", or has neither field, with a model that has a
+    ``tokenizer`` (:func:`has_tokenizer`). Token-id rows (``{"tokens", "label"}``) keep working
+    with any model."""
+    if data in builtins:
+        return False
+    from mechscope.core.text import row_kind
+
+    kind = row_kind(data)
+    if not tokenizer:
+        if kind == "text":
+            raise UsageError(f"--data {data} holds text rows, but the model has no tokenizer; give a model "
+                             "with one (a Hugging Face directory, a .gguf file, gemma-3-270m) or token-id rows "
+                             '{"tokens": [5, 6, 7], "label": 1}')
+        return False
+    return kind != "tokens"

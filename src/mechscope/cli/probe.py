@@ -2,11 +2,16 @@
 code and k-sparse probes).
 
 Data: a built-in dataset (``steering_toy``: the concept bit; ``othello``: the 36 squares'
-states) or a JSON-lines file of ``{"tokens": [ids], "label": int}`` rows (optionally
-``"type"``: the input type for the control task; by default the token at the probed
-position), every line checked, token ids against the model's vocabulary, before the
-model runs. Models: a built-in one (``--model``) or a random Hugging Face causal LM from
-a config (``--hf-config``; nothing is downloaded).
+states) or a JSON-lines file of ``{"tokens": [ids], "label": int}`` rows, or, with a model
+that has a tokenizer, ``{"text": "...", "label": int}`` rows (each text tokenised on its
+own as [BOS] + tokens; the site is read at its last token, or with ``--read-at all`` at
+every token but BOS, whose rows share the text's label and split). Position 0 / BOS is
+never read. Optionally ``"type"``: the input type for the control task (by default the
+token at the probed position). Every line is checked, token ids against the model's
+vocabulary, before the model runs. When the classes are imbalanced the report adds the
+balanced accuracy (mean recall over classes) next to accuracy. Models: a built-in one, a
+pretrained one with its tokenizer (``--model``) or a random Hugging Face causal LM from a
+config (``--hf-config``; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class ProbeConfig(ModelSource):
     controls: bool = param(True, help="also fit the control task and shuffled labels")
     mdl: bool = param(False, help="also compute the online codelength (binary or multi-class, one task)")
     sparse_k: int = param(0, ge=0, metavar="K", help="also fit k-sparse probes with K neurons (binary labels)")
+    read_at: Literal["last", "all"] = param("last", help="text data: read the site at each text's last token, "
+                                            "or at every token but BOS")
     seed: int = param(0, help="seed for data and splits")
     json: bool = param(False, help="print JSON")
 
@@ -72,27 +79,57 @@ def dataset(cfg: ProbeConfig, model: Any) -> tuple[Any, Any, Any, Any]:
     return batch, torch.tensor([r["label"] for r in rows]), types, None
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(ProbeConfig, args)
+def text_dataset(cfg: ProbeConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """(rows [n, d], labels, types, groups or None, where read) of text rows (already checked)."""
+    import torch
+
+    from mechscope.core.text import read_mask, text_batch, text_rows
+
+    batch = text_batch([r["text"] for r in rows], tokenizer, cfg.data)
+    check_inputs(model, batch, cfg.data)
+    keep = read_mask(batch, cfg.read_at, getattr(tokenizer, "bos_token_id", None))
+    site = resolve_site(model, cfg.site)
+    x = text_rows(model, batch, site, keep)
+    text = keep.nonzero()[:, 0]  # each row's text
+    labels = torch.tensor([r["label"] for r in rows])[text]
+    types = torch.tensor([r["type"] for r in rows])[text] if all("type" in r for r in rows) else \
+        batch["input_ids"][keep]
+    where = "each text's last token" if cfg.read_at == "last" else "every token of each text but BOS"
+    return x, labels, types, text if cfg.read_at == "all" else None, f"{site} at {where}"
+
+
+def token_dataset(cfg: ProbeConfig, model: Any) -> tuple[Any, Any, Any, Any, str]:
+    """(rows [n, d], labels, types, None, site) of a built-in dataset or token-id rows at ``--site``."""
     import torch
 
     from mechscope.core.collect import activations
-    from mechscope.probe.control import probe_with_controls
-    from mechscope.probe.linear import ProbeError, train_probe
 
-    default = "othello" if cfg.data == "othello" else "steering_toy"
-    model, _ = load(cfg, default)
     inputs, labels, types, positions = dataset(cfg, model)
     check_inputs(model, inputs, cfg.data)
     site = resolve_site(model, cfg.site, positions=positions if isinstance(positions, list) else
                         (torch.as_tensor(positions) if positions is not None else "last"))
+    return activations(model, inputs, site), labels, types, None, str(site)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ProbeConfig, args)
+    from mechscope.cli.model_source import has_tokenizer, uses_text
+    from mechscope.core.jsonl import integer
+    from mechscope.core.text import labelled_text
+    from mechscope.probe.control import probe_with_controls
+    from mechscope.probe.linear import ProbeError, train_probe
+
+    default = "othello" if cfg.data == "othello" else "steering_toy"
+    text = uses_text(cfg.data, has_tokenizer(cfg, default), ("steering_toy", "othello"))
+    rows = labelled_text(cfg.data, integer(), {"type": integer()}) if text else None  # checked before loading
+    model, tokenizer = load(cfg, default)
+    x, labels, types, groups, site = text_dataset(cfg, model, tokenizer, rows) if rows else token_dataset(cfg, model)
     try:
-        x = activations(model, inputs, site)
-        report: dict[str, Any] = {"site": str(site), "rows": int(x.shape[0]), "width": int(x.shape[1])}
+        report: dict[str, Any] = {"site": site, "rows": int(x.shape[0]), "width": int(x.shape[1])}
         if cfg.controls:
-            report.update(probe_with_controls(x, labels, types, seed=cfg.seed).summary())
+            report.update(probe_with_controls(x, labels, types, seed=cfg.seed, groups=groups).summary())
         else:
-            report.update(train_probe(x, labels, seed=cfg.seed).summary())
+            report.update(train_probe(x, labels, seed=cfg.seed, groups=groups).summary())
         if cfg.mdl:
             from mechscope.probe.mdl import online_codelength
             if labels.dim() != 1:
@@ -109,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"probe at {report['site']}: {report['rows']} rows of width {report['width']}"]
-    for key in ("accuracy", "test_accuracy", "control_accuracy", "selectivity", "shuffled_accuracy", "majority_accuracy"):
+    for key in ("accuracy", "test_accuracy", "balanced_accuracy", "control_accuracy", "selectivity",
+                "shuffled_accuracy", "majority_accuracy"):
         if report.get(key) is not None:
             lines.append(f"  {key:18s} {report[key]:.4f}")
     if "mdl" in report:

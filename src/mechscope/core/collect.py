@@ -21,6 +21,30 @@ from mechscope.core.run import cache
 from mechscope.core.site import Site, SiteError
 
 
+class RowsError(ValueError):
+    """Activations that are not finite ``[n, d]`` rows."""
+
+
+def as_rows(x: Any, what: str = "activations") -> Tensor:
+    """``x`` as a float64 ``[n, d]`` tensor; NaN/inf, empty and wrong ranks are clear errors."""
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        x = x.double()
+    if x.dim() != 2:
+        raise RowsError(f"{what} must be a 2-D tensor [n_examples, d], got shape {list(x.shape)}; "
+                        "select one position per example (e.g. Site(..., positions='last')) and "
+                        "flatten with x.reshape(-1, x.shape[-1])")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise RowsError(f"{what} are empty (shape {list(x.shape)}); give at least one example and one feature")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.any(dim=1)).flatten()
+        raise RowsError(f"{what} hold {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf "
+                        f"value(s) in {rows.numel()} row(s) (first rows: {rows[:5].tolist()}); "
+                        "check the model's numerics or drop those examples")
+    return x.double()
+
+
 def flatten_rows(view: Tensor, site: Site, attention_mask: Tensor | None = None, drop_padding: bool = True) -> Tensor:
     """A site's view as rows ``[n, d]``, dropping padding positions by the attention mask.
 

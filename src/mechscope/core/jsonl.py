@@ -6,7 +6,7 @@ anything runs and reports the first problem as a :class:`DataError` naming the f
 the line and the field: a missing file, a directory, an empty file, a line that is not
 JSON or not an object, a missing field, a label that is a string, a token id that is
 not an integer or is outside the model's vocabulary. The fields' checks are small
-functions (:func:`token_ids`, :func:`integer`, :func:`one_of`).
+functions (:func:`token_ids`, :func:`integer`, :func:`one_of`, :func:`text`).
 
 :func:`check_token_ids` is the one vocabulary check for token tensors, run before a
 forward so that an id the embedding does not have is an error that says so, not
@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.batch import collate
 from mechscope.core.detect import input_embeddings
 
 Check = Callable[[Any], "str | None"]  # a field's value -> what is wrong with it, or None
@@ -51,6 +52,15 @@ def one_of(*choices: str) -> Check:
     """One of the strings ``choices``."""
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {list(choices)}, got {json.dumps(value)[:40]}"
+    return check
+
+
+def text() -> Check:
+    """A string with something other than whitespace in it."""
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"must be a string, got {json.dumps(value)[:40]} ({type(value).__name__})"
+        return None if value.strip() else "must be a non-empty string, got only whitespace"
     return check
 
 
@@ -125,8 +135,6 @@ def read_jsonl(path: str | Path, fields: Mapping[str, Check], optional: Mapping[
 
 def token_batch(rows: list[dict[str, Any]], key: str = "tokens", pad_id: int = 0) -> dict[str, Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` from rows' token-id lists (checked by :func:`token_ids`)."""
-    from mechscope.core.batch import collate
-
     check = token_ids()
     for i, row in enumerate(rows):
         problem = check(row.get(key))
@@ -162,5 +170,5 @@ def check_token_ids(ids: Tensor, vocab: int | None, where: str = "input_ids") ->
                         f"(ids 0..{vocab - 1}); tokenize with the model's own tokenizer")
 
 
-__all__ = ["DataError", "check_token_ids", "integer", "one_of", "read_jsonl", "token_batch", "token_ids",
+__all__ = ["DataError", "check_token_ids", "integer", "one_of", "read_jsonl", "text", "token_batch", "token_ids",
            "vocab_size"]

@@ -15,7 +15,8 @@ On disk, ``out_dir`` holds::
                                "sites": [{"key", "site": Site.to_dict(), "d", "row_shape"}],
                                "shards": [{"file", "rows", "batches": [first, stop),
                                            "sha256": {key: hex}}],
-                               "n_rows", "n_batches", "complete"}
+                               "n_rows", "n_batches", "complete",
+                               "meta": {...} (optional: what the dataset was, see write_store)}
     .mechscope.lock           while a write_store runs (mechscope.core.lock): a second
                               writer of the same directory fails at once
 
@@ -82,8 +83,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------
-def _new_manifest(sites: Sequence[Site], dtype: torch.dtype, drop_padding: bool, shard_rows: int) -> dict[str, Any]:
-    return {
+def _new_manifest(sites: Sequence[Site], dtype: torch.dtype, drop_padding: bool, shard_rows: int,
+                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "dtype": _dtype_name(dtype),
@@ -95,6 +97,9 @@ def _new_manifest(sites: Sequence[Site], dtype: torch.dtype, drop_padding: bool,
         "n_batches": 0,
         "complete": False,
     }
+    if meta is not None:  # what the dataset was (a corpus, a model record): resume needs the same
+        manifest["meta"] = json.loads(json.dumps(meta))
+    return manifest
 
 
 def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -108,7 +113,22 @@ def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for field in ("dtype", "drop_padding"):
         if old.get(field) != new[field]:
             out.append(f"{field}: store has {old.get(field)!r}, asked for {new[field]!r}")
+    old_meta, new_meta = old.get("meta") or {}, new.get("meta") or {}
+    for field in sorted(set(old_meta) | set(new_meta), key=lambda k: (k not in new_meta, k)):
+        was, now = old_meta.get(field), new_meta.get(field)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):  # name the part that differs: model.torch
+            out += [f"{field}.{k}: store has {_short(was.get(k))}, asked for {_short(now.get(k))}"
+                    for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        else:
+            out.append(f"{field}: store has {_short(was)}, asked for {_short(now)}")
     return out
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _clean_leftovers(out_dir: Path, n_shards: int) -> None:
@@ -205,6 +225,8 @@ def write_store(
     drop_padding: bool = True,
     resume: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    meta: dict[str, Any] | None = None,
+    row_mask: Callable[[Any], Tensor] | None = None,
 ) -> "Store":
     """Stream ``sites`` of ``model`` over ``batches`` into a sharded store in ``out_dir``.
 
@@ -214,6 +236,12 @@ def write_store(
     the input batches its manifest covers are skipped (not run), so the dataset must
     yield the same batches in the same order; a complete store is returned as is.
     ``progress(batches_done, rows_done)`` is called after every input batch.
+
+    ``meta`` (JSON) is recorded in the manifest (``Store.meta``) and must be equal to
+    resume: describe there what determines the dataset (a corpus, its windows, the model).
+    ``row_mask(inputs)`` gives ``[batch, pos]`` bool of the positions to store, in place
+    of the attention mask (e.g. :func:`mechscope.core.text.analysis_mask`, which leaves
+    out BOS); the model still runs on the batch as given.
     """
     sites = [sites] if isinstance(sites, Site) else list(sites)
     if not sites or not all(isinstance(s, Site) for s in sites):
@@ -224,14 +252,15 @@ def write_store(
         raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
     out_dir = Path(out_dir)
     with lock_dir(out_dir, "activation store"):
-        manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows), resume)
+        manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows, meta), resume)
         if not manifest["complete"]:
-            _write(model, sites, batches, out_dir, manifest, dtype, drop_padding, progress)
+            _write(model, sites, batches, out_dir, manifest, dtype, drop_padding, progress, row_mask)
     return Store(out_dir)
 
 
 def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir: Path, manifest: dict[str, Any],
-           dtype: torch.dtype, drop_padding: bool, progress: Callable[[int, int], None] | None) -> None:
+           dtype: torch.dtype, drop_padding: bool, progress: Callable[[int, int], None] | None,
+           row_mask: Callable[[Any], Tensor] | None = None) -> None:
     """The loop of :func:`write_store`: run the batches not yet covered, shard by shard."""
     shard_rows = manifest["shard_rows"]
     writer = _ShardWriter(out_dir, manifest, dtype)
@@ -243,7 +272,9 @@ def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir:
             if index < done:
                 continue
             acts = cache(model, inputs, sites)
-            views = {keys[s]: rows for s, rows in site_rows(acts, inputs, sites, drop_padding).items()}
+            kept = inputs if row_mask is None else {"attention_mask": row_mask(inputs)}  # positions to store
+            rows = site_rows(acts, kept, sites, drop_padding or row_mask is not None)
+            views = {keys[s]: r for s, r in rows.items()}
             shapes = {keys[s]: row_shape(acts[s], s) for s in sites}
             writer.add(views, shapes, index)
             if writer.rows >= shard_rows:
@@ -296,6 +327,12 @@ class Store:
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What ``write_store`` was told about the dataset (``meta=``; empty when nothing)."""
+        meta = self.manifest.get("meta")
+        return dict(meta) if isinstance(meta, dict) else {}
 
     @property
     def shards(self) -> list[dict[str, Any]]:

@@ -25,6 +25,13 @@ deterministic for a given ``seed``; ``shuffle_buffer=0`` keeps corpus order.
 **Excluded positions** (:func:`analysis_mask`): position 0 / the BOS token is an attention
 sink whose residual norm is an outlier (16x a typical token's in Gemma-3-270M), so
 statistics, stores and dictionaries exclude it by default (``keep_bos=True`` keeps it).
+
+**Labelled text** (probes, steering contrast sets): :func:`labelled_text` reads JSON-lines
+rows ``{"text": ..., "label": ...}``; :func:`text_batch` tokenises each text on its own as
+``[BOS] + tokens`` (right-padded); :func:`read_mask` picks where a site is read: each
+text's last real token (``"last"``, the default) or every real token but BOS / position 0
+(``"all"``); position 0 is never read. :func:`text_rows` returns the site's rows there.
+:func:`read_prompts` reads generation prompts from a file or takes a literal text.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechscope.core.jsonl import DataError, json_object
+from mechscope.core.batch import collate
+from mechscope.core.collect import activations
+from mechscope.core.jsonl import Check, DataError, json_object, read_jsonl
+from mechscope.core.jsonl import text as text_field
 
 BOS_POLICY = ("each window is [BOS] + (seq_len - 1) corpus tokens; documents are packed, joined by EOS; "
               "position 0 (BOS, an attention sink) is excluded from statistics unless keep_bos=True")
@@ -287,5 +297,97 @@ def analysis_mask(batch: dict[str, Tensor] | Tensor, bos_token_id: int | None = 
     return keep
 
 
-__all__ = ["BOS_POLICY", "analysis_mask", "buffer_shuffle", "read_documents", "text_windows", "token_stream",
-           "window_batches"]
+# -- labelled text: probes and steering contrast sets --------------------------------------
+TEXT_EXAMPLE = '{"text": "The film was wonderful.", "label": 1}'
+READ_AT = ("last", "all")
+_PROMPT_SUFFIXES = (".txt", *_JSONL)
+
+
+def row_kind(path: str | os.PathLike) -> str | None:
+    """``"text"`` or ``"tokens"``: the field the first row of a JSON-lines file has (``"text"``
+    when it has both); None when it has neither or cannot be read (the full read reports why)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.loads(next((line for line in f if line.strip()), "null"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(row, dict):
+        return None
+    return "text" if "text" in row else "tokens" if "tokens" in row else None
+
+
+def labelled_text(path: str | os.PathLike, label: Check, optional: dict[str, Check] | None = None,
+                  flag: str = "--data") -> list[dict[str, Any]]:
+    """Rows ``{"text": str, "label": ...}`` of a JSON-lines file, every line checked; the first
+    missing or wrong-typed field is a :class:`DataError` naming the file and the line."""
+    return read_jsonl(path, {"text": text_field(), "label": label}, optional, example=TEXT_EXAMPLE, flag=flag)
+
+
+def text_batch(texts: Sequence[str], tokenizer: Any, where: str = "text") -> dict[str, Tensor]:
+    """``{"input_ids", "attention_mask"}`` ``[n, pos]``: each text tokenised on its own as
+    ``[BOS] + tokens`` (no BOS when the tokenizer has none), right-padded."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    rows = []
+    for i, t in enumerate(texts):
+        ids = _encode(tokenizer, t)
+        if not ids:
+            raise DataError(f"{where}: text {i + 1} ({t[:40]!r}) has no tokens under the model's tokenizer")
+        rows.append(([int(bos)] if bos is not None else []) + ids)
+    pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                if p is not None), 0)
+    batch = collate(rows, pad_id=int(pad), side="right")
+    batch.pop("position_ids")  # Hugging Face models make their own
+    return batch
+
+
+def read_mask(batch: dict[str, Tensor], read_at: str = "last", bos_token_id: int | None = None) -> Tensor:
+    """``[n, pos]`` bool: where a site is read for each text of a right-padded ``batch``:
+    its last real token (``"last"``), or every real token but position 0 / BOS (``"all"``).
+    A text with nothing to read (only BOS, or one token without a BOS) is a DataError."""
+    if read_at not in READ_AT:
+        raise ValueError(f"read_at must be one of {list(READ_AT)}, got {read_at!r}")
+    keep = analysis_mask(batch, bos_token_id)
+    if read_at == "last":
+        last = batch["attention_mask"].long().sum(1) - 1
+        only = torch.zeros_like(keep)
+        only[torch.arange(keep.shape[0]), last] = True
+        keep &= only
+    empty = torch.nonzero(~keep.any(1)).flatten()
+    if empty.numel():
+        raise DataError(f"text {int(empty[0]) + 1} has no token to read after position 0 (BOS); "
+                        "every text needs at least one token of its own")
+    return keep
+
+
+def text_rows(model: Any, batch: dict[str, Tensor], site: Any, keep: Tensor) -> Tensor:
+    """Rows ``[n_kept, d]`` of ``site``'s view (all positions) where ``keep [n, pos]`` is true,
+    text-major; ``keep.nonzero()[:, 0]`` gives each row's text."""
+    rows = activations(model, batch, site.replace(positions=None), drop_padding=False)  # [n * pos, d]
+    return rows[keep.flatten().to(rows.device)]
+
+
+def read_prompts(spec: str) -> list[str]:
+    """Prompts from ``spec``: a ``.jsonl`` file (field ``"text"`` of each line), another text
+    file (one prompt per non-blank line), or else ``spec`` itself as the one prompt. A name
+    ending in .txt/.jsonl that is not a file is a DataError, not a prompt."""
+    path = Path(spec).expanduser()
+    if path.suffix in _JSONL and path.is_file():
+        prompts = [t for _, t in read_documents(path)]
+    elif path.is_file():
+        try:
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected one prompt per line") from None
+    elif path.is_dir() or path.suffix in _PROMPT_SUFFIXES:
+        raise DataError(f"--prompts {spec}: no such file; give a text file (one prompt per line), a .jsonl file "
+                        "with a \"text\" field, or the prompt itself")
+    else:
+        prompts = [spec]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise DataError(f"--prompts {spec}: no prompt in it; give at least one non-empty prompt")
+    return prompts
+
+
+__all__ = ["BOS_POLICY", "READ_AT", "TEXT_EXAMPLE", "analysis_mask", "buffer_shuffle", "labelled_text",
+           "read_documents", "read_mask", "read_prompts", "row_kind", "text_batch", "text_rows", "text_windows",
+           "token_stream", "window_batches"]

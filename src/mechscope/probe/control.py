@@ -98,7 +98,8 @@ class ControlledProbe:
         return None if c is None else float(selectivity(self.accuracy, c))
 
     def summary(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "control_accuracy": self.control_accuracy,
+        return {"accuracy": self.accuracy, "balanced_accuracy": self.task.balanced_accuracy,
+                "control_accuracy": self.control_accuracy,
                 "selectivity": self.selectivity, "shuffled_accuracy": self.shuffled_accuracy,
                 "majority_accuracy": self.majority_accuracy, "l2": self.task.summary()["l2"]}
 

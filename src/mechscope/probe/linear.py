@@ -11,7 +11,8 @@ the textbook one, made exact rather than approximate:
   it is convex and minimised to convergence with full-batch L-BFGS (float64 by default;
   ``dtype=torch.float32`` halves the time of large multi-task fits);
 - the penalty ``l2`` is chosen from a grid by accuracy on a held-out validation split,
-  and the probe is then scored on a test split it never saw.
+  and the probe is then scored on a test split it never saw; when the classes are
+  imbalanced (:func:`is_imbalanced`), its balanced accuracy there too (:func:`balanced_accuracy`).
 
 Several labelings of the same activations (``labels`` of shape ``[n, m]``: one column
 per task, e.g. the 36 squares of a board) are fitted at once as ``m`` independent
@@ -29,6 +30,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mechscope.core.collect import RowsError, as_rows
+
 DEFAULT_L2_GRID: tuple[float, ...] = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 _BIAS_L2 = 1e-6
 
@@ -40,22 +43,10 @@ class ProbeError(ValueError):
 # --------------------------------------------------------------------------- input checks
 def as_activations(x: Any, what: str = "activations") -> Tensor:
     """``x`` as a float64 ``[n, d]`` tensor; NaN/inf and wrong ranks are clear errors."""
-    x = torch.as_tensor(x)
-    if not x.is_floating_point():
-        x = x.double()
-    if x.dim() != 2:
-        raise ProbeError(f"{what} must be a 2-D tensor [n_examples, d], got shape {list(x.shape)}; "
-                         "select one position per example (e.g. Site(..., positions='last')) and "
-                         "flatten with x.reshape(-1, x.shape[-1])")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ProbeError(f"{what} are empty (shape {list(x.shape)}); give at least one example and one feature")
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad.any(dim=1)).flatten()
-        raise ProbeError(f"{what} hold {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf "
-                         f"value(s) in {rows.numel()} row(s) (first rows: {rows[:5].tolist()}); "
-                         "check the model's numerics or drop those examples before probing")
-    return x.double()
+    try:
+        return as_rows(x, what)
+    except RowsError as e:
+        raise ProbeError(str(e)) from None
 
 
 def encode_labels(labels: Any, n: int, min_classes: int = 2) -> tuple[Tensor, Tensor]:
@@ -260,17 +251,60 @@ class ProbeFit:
     test_accuracy: Tensor  # [m]
     majority_accuracy: Tensor  # [m] always predicting the training split's most common class
     val_curve: dict[float, Tensor] = field(default_factory=dict)  # l2 -> val accuracy [m]
+    test_balanced_accuracy: Tensor | None = None  # [m] mean recall over the classes in the test split
+    imbalanced: bool = False  # some task's most common class is over 1.1x its even share (is_imbalanced)
 
     @property
     def accuracy(self) -> float:
         """Mean held-out (test) accuracy over tasks."""
         return float(self.test_accuracy.mean())
 
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """Mean held-out balanced accuracy over tasks when the classes are imbalanced, else None."""
+        if not self.imbalanced or self.test_balanced_accuracy is None:
+            return None
+        return float(self.test_balanced_accuracy.mean())
+
     def summary(self) -> dict[str, Any]:
-        return {"test_accuracy": self.accuracy, "train_accuracy": float(self.train_accuracy.mean()),
+        return {"test_accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
+                "train_accuracy": float(self.train_accuracy.mean()),
                 "val_accuracy": float(self.val_accuracy.mean()), "majority_accuracy": float(self.majority_accuracy.mean()),
                 "l2": [float(v) for v in self.probe.l2[:8]], "converged": self.probe.converged,
                 "n_tasks": int(self.test_accuracy.numel())}
+
+
+def balanced_accuracy(pred: Tensor, target: Tensor) -> Tensor:  # [n, m], [n, m] class indices -> [m]
+    """Per task, the mean over the classes present in ``target`` of the fraction of that
+    class predicted right (recall): chance is 1/classes however skewed the classes are."""
+    pred, target = (t[:, None] if t.dim() == 1 else t for t in (pred, target))
+    out = []
+    for j in range(target.shape[1]):
+        t, p = target[:, j], pred[:, j]
+        out.append(torch.stack([(p[t == c] == c).double().mean() for c in torch.unique(t)]).mean())
+    return torch.stack(out)
+
+
+def is_imbalanced(labels: Any, ratio: float = 1.1) -> bool:
+    """Whether some task's most common class holds more than ``ratio`` times its even share
+    (binary labels: more than 55 % of the examples)."""
+    y = torch.as_tensor(labels)
+    cols = y[:, None] if y.dim() == 1 else y
+    for j in range(cols.shape[1]):
+        counts = torch.unique(cols[:, j], return_counts=True)[1]
+        if float(counts.max()) > ratio * cols.shape[0] / counts.numel():
+            return True
+    return False
+
+
+def probe_direction(acts: Any, labels: Any, **probe_options: Any) -> Tensor:  # -> [d]
+    """The raw-space weight of a binary L2 logistic probe (``logit = x @ v + const``): the
+    direction a steering method takes from a probe (pass it as ``probe_fit`` to
+    :func:`mechscope.steer.directions.find_direction`)."""
+    fit = train_probe(acts, labels, **probe_options)
+    if fit.probe.classes.numel() != 2:
+        raise ProbeError(f"a probe direction needs binary labels, got {fit.probe.classes.numel()} classes")
+    return fit.probe.direction().float()
 
 
 def majority_accuracy(train_idx: Tensor, test_idx: Tensor, n_classes: int) -> Tensor:
@@ -331,4 +365,5 @@ def train_probe(x: Any, labels: Any, *, l2_grid: Sequence[float] = DEFAULT_L2_GR
         return (final.predict_index(x[rows]) == y[rows]).double().mean(0)
 
     return ProbeFit(final, acc_on(tr), acc_on(va), acc_on(te),
-                    majority_accuracy(y[tr], y[te], classes.numel()), curve)
+                    majority_accuracy(y[tr], y[te], classes.numel()), curve,
+                    balanced_accuracy(final.predict_index(x[te]), y[te]), is_imbalanced(y))

@@ -10,7 +10,8 @@ from :func:`mechscope.core.collect.activations`) and return a direction ``[d]``:
 - :func:`pca_of_differences`: the first principal component of paired differences (the
   RepE reading vector, Zou et al. 2023, arXiv 2310.01405), sign set so that it points
   from - to +;
-- :func:`probe_direction`: the weight of a linear probe, mapped back to raw activations.
+- a probe's weight, mapped back to raw activations (:func:`mechscope.probe.linear.probe_direction`,
+  passed to :func:`find_direction` as ``probe_fit``).
 
 :func:`find_direction` picks one of them by name (:data:`METHODS`) for concept and
 concept-free activations, scaled alike, as ``mechscope steer --method`` does.
@@ -18,12 +19,12 @@ concept-free activations, scaled alike, as ``mechscope steer --method`` does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from mechscope.probe.linear import as_activations, train_probe
+from mechscope.core.collect import RowsError, as_rows
 
 
 class DirectionError(ValueError):
@@ -32,8 +33,8 @@ class DirectionError(ValueError):
 
 def _rows(x: Any, what: str) -> Tensor:
     try:
-        return as_activations(x, what)
-    except ValueError as e:
+        return as_rows(x, what)
+    except RowsError as e:
         raise DirectionError(str(e)) from None
 
 
@@ -96,31 +97,28 @@ def pca_of_differences(pos: Any, neg: Any, seed: int = 0) -> Tensor:  # -> unit 
     return v.float()
 
 
-def probe_direction(acts: Any, labels: Any, **probe_options: Any) -> Tensor:  # -> [d]
-    """The raw-space weight of a binary L2 logistic probe (``logit = x @ v + const``)."""
-    fit = train_probe(acts, labels, **probe_options)
-    if fit.probe.classes.numel() != 2:
-        raise DirectionError(f"a probe direction needs binary labels, got {fit.probe.classes.numel()} classes")
-    return fit.probe.direction().float()
-
-
 METHODS = ("diff_of_means", "pca", "actadd", "probe")
 
 
-def find_direction(method: str, pos: Any, neg: Any, seed: int = 0) -> Tensor:  # [n, d], [m, d] -> [d]
+def find_direction(method: str, pos: Any, neg: Any, seed: int = 0,
+                   probe_fit: Callable[..., Tensor] | None = None) -> Tensor:  # [n, d], [m, d] -> [d]
     """The direction ``method`` (one of :data:`METHODS`) finds from concept activations ``pos``
     and concept-free activations ``neg``, in raw activation units.
 
     ``actadd`` uses the first pair; ``pca`` pairs the i-th rows of each and scales the unit
     reading vector by the norm of the difference of means, so that a coefficient means the
-    same for every method; ``probe`` fits a binary probe (concept = 1) on both sets.
+    same for every method; ``probe`` fits a binary probe (concept = 1) on both sets with
+    ``probe_fit(acts, labels, seed=...)`` (e.g. :func:`mechscope.probe.linear.probe_direction`:
+    probes are a sibling method, so the caller brings one).
     """
     a, b = torch.as_tensor(pos), torch.as_tensor(neg)  # each function checks its rows; the scale is in their dtype
     if method == "diff_of_means":
         return diff_of_means(a, b)
     if method == "probe":
+        if probe_fit is None:
+            raise DirectionError("the probe method needs a probe: pass probe_fit=mechscope.probe.linear.probe_direction")
         y = torch.cat([torch.ones(len(a)), torch.zeros(len(b))]).long()
-        return probe_direction(torch.cat([a, b]), y, seed=seed)
+        return probe_fit(torch.cat([a, b]), y, seed=seed)
     m = min(len(a), len(b))  # pair the i-th concept input with the i-th concept-free one
     if method == "actadd":
         return actadd(a[0], b[0])
