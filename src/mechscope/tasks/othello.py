@@ -206,17 +206,10 @@ class Recipe:
     next move in the data (uniform over the legal moves): the expected next-token loss, with
     less variance than one sampled move.
 
-    Compute is the limit here (47 minutes on two quiet CPU threads, about 75 on one loaded
-    thread), so the recipe
-    spends it where it measured best: a high peak learning rate (after 1200 steps the held-out
-    KL to the legal-move distribution was 0.43 nats at 1.5e-3, 0.37 at 4e-3, 0.33 at 8e-3)
-    and the forward pass in bfloat16 autocast (weights and optimiser stay float32; same loss
-    as float32, 1.6-1.8x faster on CPUs with bf16 matmuls). The model underfits rather than
-    overfits (at 10k steps on 60k games: exact legal set 0.81 on training and held-out games
-    alike), so more steps on more games pay: 30k steps on 150k games reach 0.906 held-out
-    (KL 0.096 nats, from 0.15) and 45k steps on 225k games 0.935 (KL 0.076), and the probe
-    edit follows the model (:mod:`mechscope.tasks.othello_edit`: bench success 0.78-0.82 over
-    seeds 0-3 with the 30k model, 0.81-0.85 with this one).
+    Compute is the limit here, so the recipe spends it where it measured best: a high peak
+    learning rate, the forward pass in bfloat16 autocast (weights and optimiser stay float32),
+    and, since the model underfits rather than overfits, more steps on more games. The
+    measurements behind each choice are in docs/results.md ("Othello world model").
     """
 
     games: int = 225_000

@@ -114,8 +114,8 @@ class SetMargin:
 
 def edit_layers() -> list[int]:
     """Where the edit goes: every layer from a third of the depth on, 2..5 (Li et al. edit from a middle
-    layer to the last). Chosen with :data:`EDIT_MARGIN` on tuning games (seed 50_000, 400 edits, the 30k-step
-    world model) that the bench never scores: 0.78 there, against 0.74 from layer 3 on and 0.50 from layer 4 on."""
+    layer to the last), chosen with :data:`EDIT_MARGIN` on tuning games that the bench never scores
+    (docs/results.md, "Othello world model")."""
     return list(range(MODEL.n_layers // 3, MODEL.n_layers))
 
 
