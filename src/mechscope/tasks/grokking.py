@@ -39,16 +39,16 @@ class GrokkingConfig(Config):
 
     p: int = param(113, help="prime modulus")
     train_fraction: float = param(0.3, help="share of the p² pairs used for training")
-    d_model: int = param(128, help="residual width")
-    n_heads: int = param(4, help="attention heads")
-    d_head: int = param(32, help="width of one head")
-    d_mlp: int = param(512, help="MLP neurons")
+    d_model: int = param(128, help="residual width", ge=1)
+    n_heads: int = param(4, help="attention heads", ge=1)
+    d_head: int = param(32, help="width of one head", ge=1)
+    d_mlp: int = param(512, help="MLP neurons", ge=1)
     lr: float = param(1e-3, help="AdamW learning rate")
     weight_decay: float = param(1.0, help="AdamW weight decay")
     beta2: float = param(0.98, help="AdamW second-moment decay (beta1 = 0.9)")
     warmup_steps: int = param(10, help="linear learning-rate warm-up")
-    steps: int = param(10_000, help="full-batch steps")
-    snapshot_every: int = param(100, help="keep a copy of the weights every this many steps (progress measures)")
+    steps: int = param(10_000, help="full-batch steps", ge=1)
+    snapshot_every: int = param(100, help="keep a copy of the weights every this many steps (progress measures)", ge=1)
     seed: int = param(0, help="seed of the split, the initialisation")
 
     def validate(self) -> None:
@@ -56,9 +56,6 @@ class GrokkingConfig(Config):
             raise ConfigError(f"GrokkingConfig.p must be a prime >= 3 (the Fourier algorithm needs Z_p), got {self.p}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ConfigError(f"GrokkingConfig.train_fraction must be in (0, 1), got {self.train_fraction}")
-        for name in ("d_model", "n_heads", "d_head", "d_mlp", "steps", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"GrokkingConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def quick_config(**changes: Any) -> GrokkingConfig:

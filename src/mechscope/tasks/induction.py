@@ -39,22 +39,19 @@ BOS = 0
 class InductionConfig(Config):
     """Model and recipe (defaults: the 2-layer model; ``n_layers=1`` is the control)."""
 
-    n_layers: int = param(2, help="attention-only layers")
-    n_heads: int = param(4, help="heads per layer")
-    d_head: int = param(16, help="width of one head")
-    d_model: int = param(64, help="residual width")
+    n_layers: int = param(2, help="attention-only layers", ge=1)
+    n_heads: int = param(4, help="heads per layer", ge=1)
+    d_head: int = param(16, help="width of one head", ge=1)
+    d_model: int = param(64, help="residual width", ge=1)
     vocab: int = param(64, help="vocabulary (token 0 is BOS; r is drawn from 1..vocab-1)")
     half_len: int = param(20, help="L: the sequence is BOS + 2L tokens")
-    batch_size: int = param(64, help="sequences per step")
+    batch_size: int = param(64, help="sequences per step", ge=1)
     lr: float = param(1e-3, help="AdamW learning rate")
-    steps: int = param(3000, help="optimiser steps")
-    eval_every: int = param(50, help="measure the repeated-half loss every this many steps")
+    steps: int = param(3000, help="optimiser steps", ge=1)
+    eval_every: int = param(50, help="measure the repeated-half loss every this many steps", ge=1)
     seed: int = param(0, help="seed of the initialisation and the data")
 
     def validate(self) -> None:
-        for name in ("n_layers", "n_heads", "d_head", "d_model", "batch_size", "steps", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"InductionConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.half_len < 4:
             raise ConfigError(f"InductionConfig.half_len must be >= 4 to leave a repeated half, got {self.half_len}")
         if self.vocab < 3:

@@ -32,20 +32,17 @@ from mechscope.core.config import Config, ConfigError, config, param
 class ResidMLPConfig(Config):
     """The target and its training recipe (defaults: the SPD paper's one-layer model)."""
 
-    n_features: int = param(100, help="sparse input features")
-    d_embed: int = param(1000, help="width of the residual stream")
-    d_mlp: int = param(50, help="ReLU neurons of the MLP")
+    n_features: int = param(100, help="sparse input features", ge=1)
+    d_embed: int = param(1000, help="width of the residual stream", ge=1)
+    d_mlp: int = param(50, help="ReLU neurons of the MLP", ge=1)
     feature_probability: float = param(0.01, help="probability each feature is active")
-    steps: int = param(1000, help="optimiser steps")
-    batch_size: int = param(2048, help="examples per step")
+    steps: int = param(1000, help="optimiser steps", ge=1)
+    batch_size: int = param(2048, help="examples per step", ge=1)
     lr: float = param(3e-3, help="AdamW learning rate (cosine decay to 0)")
     weight_decay: float = param(0.01, help="AdamW weight decay")
     seed: int = param(0, help="seed of the embedding, the initialisation and the data")
 
     def validate(self) -> None:
-        for name in ("n_features", "d_embed", "d_mlp", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ResidMLPConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.feature_probability <= 1.0:
             raise ConfigError(f"ResidMLPConfig.feature_probability must be in (0, 1], got {self.feature_probability}")
         if self.lr <= 0:

@@ -36,9 +36,9 @@ GEOMETRIC_FRACTIONS = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8)
 class TMSConfig(Config):
     """One training run of several TMS instances at once (defaults: the paper's intro setting)."""
 
-    n_features: int = param(5, help="number of input features n")
-    n_hidden: int = param(2, help="hidden dimensions m")
-    n_instances: int = param(10, help="independent models trained as one tensor")
+    n_features: int = param(5, help="number of input features n", ge=1)
+    n_hidden: int = param(2, help="hidden dimensions m", ge=1)
+    n_instances: int = param(10, help="independent models trained as one tensor", ge=1)
     feature_probability: tuple[float, ...] = param(
         (), help="probability each feature is active, one per instance (or one for all); "
                  "empty: 20^-linspace(0, 1, n_instances), the paper's sparsity sweep")
@@ -46,16 +46,13 @@ class TMSConfig(Config):
     tied: bool = param(True, help="decoder is the encoder's transpose (x' = ReLU(WᵀWx + b))")
     hidden_identity: bool = param(False, help="insert a frozen identity layer in the hidden space (SPD's +ID)")
     at_least_one_active: bool = param(False, help="redraw inputs until at least one feature is active (SPD targets)")
-    steps: int = param(10_000, help="optimiser steps")
-    batch_size: int = param(1024, help="examples per step (per instance)")
+    steps: int = param(10_000, help="optimiser steps", ge=1)
+    batch_size: int = param(1024, help="examples per step (per instance)", ge=1)
     lr: float = param(1e-3, help="AdamW learning rate (constant)")
     weight_decay: float = param(0.01, help="AdamW weight decay (0.01: torch's default, as in the paper's code)")
     seed: int = param(0, help="seed of the initialisation and the data")
 
     def validate(self) -> None:
-        for name in ("n_features", "n_hidden", "n_instances", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TMSConfig.{name} must be >= 1, got {getattr(self, name)}")
         probs = self.feature_probability
         if probs and len(probs) not in (1, self.n_instances):
             raise ConfigError(f"TMSConfig.feature_probability has {len(probs)} values; give one per instance "
