@@ -35,21 +35,15 @@ class BenchConfig(Config):
                                   help="run only these task names or task/method pairs, "
                                   "comma-separated (default: every check)")
     out: Path = param(Path("bench-out"), metavar="DIR", help="directory for scoreboard.json, report.html and figures/")
-    seed: int = param(0, metavar="N", help="seed for torch, numpy and random, set again before every check")
+    seed: int = param(0, metavar="N", ge=0, help="seed for torch, numpy and random, set again before every check")
     full: bool = param(False, help="retrain from the recipes and run every check at its published "
                        "setting (slow); the default run uses shipped checkpoints and reduced settings")
     fail: bool = param(True, help="exit with status 1 when any check fails; --no-fail exits 0 "
                        "after a complete run")
-    threads: int = param(0, metavar="N", help="torch intra-op threads; 0 = automatic (1 on up to 3 cores, "
+    threads: int = param(0, metavar="N", ge=0, help="torch intra-op threads; 0 = automatic (1 on up to 3 cores, "
                          "else half the cores, at most 4)")
     device: str = param("cpu", metavar="DEVICE", help="device the checks put models and tensors on")
     report: bool = param(True, help="write report.html beside the scoreboard")
-
-    def validate(self) -> None:
-        if self.seed < 0:
-            raise ConfigError(f"BenchConfig.seed must be >= 0, got {self.seed}")
-        if self.threads < 0:
-            raise ConfigError(f"BenchConfig.threads must be >= 0 (0 = automatic), got {self.threads}")
 
 
 def available_cores() -> int:
