@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.detect import is_conv1d, is_norm
 from mechscope.core.structure import BlockPaths, ModelStructure, StructureError, structure
 
 Kind = Literal["q", "k", "v"]
@@ -159,7 +160,7 @@ def head_weights(model: nn.Module, layer: int) -> HeadWeights:
     (w_q, w_k, w_v), biases = _qkv(attn, block.attn, n, kv, hd, d)
     w_o, b_o = _out_proj(model.get_submodule(block.attn_out_proj), block.attn_out_proj, n, hd, d)
     split = lambda w, heads: w.detach().reshape(d, heads, hd).permute(1, 0, 2).clone()  # noqa: E731  [d, heads*hd] -> [heads, d, hd]
-    flags = dict(rotary=_uses_rotary(model), qk_norm=any(_is_norm(m) for p, m in attn.named_modules() if p),
+    flags = dict(rotary=_uses_rotary(model), qk_norm=any(is_norm(m) for p, m in attn.named_modules() if p),
                  biases_ignored=any(b is not None and bool(b.detach().abs().max() > 0) for b in (*biases, b_o)))
     return HeadWeights(
         layer % st.n_layers, split(w_q, n), split(w_k, kv).repeat_interleave(n // kv, 0),
@@ -219,8 +220,8 @@ def _caveats(model: nn.Module, st: ModelStructure, block: BlockPaths, rotary: bo
     if norms:
         out.append(f"norms not folded (pre_norm_folded=False): the heads read the stream through {', '.join(norms)}; "
                    "W_Q/W_K/W_V act on the normalised stream, whose scale and per-channel weights are left out")
-    write, error = getattr(block, "attn_write", None), getattr(block, "writes_error", None)
-    if write is not None and not getattr(write, "is_proj", True):
+    write, error = block.attn_write, block.writes_error
+    if write is not None and not write.is_proj:
         out.append(f"the block adds {write.path!r}'s output to the stream, not the output projection's: what "
                    "W_O writes is transformed (e.g. normalised) before later heads read it")
     elif error:
@@ -235,7 +236,7 @@ def _norms_read(model: nn.Module, st: ModelStructure, block: BlockPaths) -> list
     heads). Without that order (the probe did not run them), every norm outside the attention."""
     order = {p: i for i, p in enumerate(st.outputs)}
     at = order.get(block.attn)
-    norms = [rel for rel, m in model.get_submodule(block.path).named_modules() if rel and _is_norm(m)
+    norms = [rel for rel, m in model.get_submodule(block.path).named_modules() if rel and is_norm(m)
              and not f"{block.path}.{rel}".startswith(block.attn + ".")]
     return [rel for rel in norms if at is None or order.get(f"{block.path}.{rel}", -1) < at]
 
@@ -252,7 +253,7 @@ def _qkv(attn: nn.Module, path: str, n: int, kv: int, hd: int, d: int) -> tuple[
     # fused: Phi-3's qkv_proj nn.Linear (output rows [q; k; v]), GPT-2's c_attn Conv1D (x @ weight, columns q | k | v)
     fused, conv = kids.get("qkv_proj"), kids.get("c_attn")
     w, b = (fused.weight.T, fused.bias) if isinstance(fused, nn.Linear) else \
-        (conv.weight, conv.bias) if _is_conv1d(conv) and kv == n else (None, None)
+        (conv.weight, conv.bias) if is_conv1d(conv) and kv == n else (None, None)
     if w is not None and tuple(w.shape) == (d, sum(widths)):
         return tuple(w.split(widths, dim=1)), (None,) * 3 if b is None else tuple(b.split(widths))
     found = ", ".join(f"{k}: {type(m).__name__}{_shape(m)}" for k, m in kids.items()) or "no submodules"
@@ -268,24 +269,15 @@ def _out_proj(out: nn.Module, path: str, n: int, hd: int, d: int) -> tuple[Tenso
     """The output projection as ``x @ W`` ``[n_heads * d_head, d_model]``, and its bias."""
     if isinstance(out, nn.Linear) and (out.in_features, out.out_features) == (n * hd, d):
         return out.weight.T, out.bias
-    if _is_conv1d(out) and tuple(out.weight.shape) == (n * hd, d):
+    if is_conv1d(out) and tuple(out.weight.shape) == (n * hd, d):
         return out.weight, out.bias
     raise StructureError(
         f"cannot read W_O from {path!r} ({type(out).__name__}{_shape(out)}): expected an nn.Linear or Conv1D "
         f"from n_heads*head_dim={n * hd} to d_model={d}; build HeadWeights yourself for the pure functions")
 
 
-def _is_conv1d(m: nn.Module | None) -> bool:
-    w = getattr(m, "weight", None)
-    return isinstance(w, Tensor) and w.dim() == 2 and getattr(m, "nf", None) == w.shape[1]
-
-
 def _shape(m: nn.Module) -> str:
     return str(list(m.weight.shape)) if isinstance(getattr(m, "weight", None), Tensor) else ""
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(m).__name__.lower()
 
 
 def _uses_rotary(model: nn.Module) -> bool:

@@ -38,14 +38,17 @@ ATTN_NAMES = {"attn", "self_attn", "attention", "self_attention", "attn_layer", 
 MLP_NAMES = {"mlp", "feed_forward", "ffn", "ff", "feedforward", "mlp_block", "moe", "block_sparse_moe"}
 
 
+def is_conv1d(m: nn.Module | None) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape [in, out] (``nf`` = out)."""
+    w, nf = getattr(m, "weight", None), getattr(m, "nf", None)
+    return isinstance(w, Tensor) and w.dim() == 2 and isinstance(nf, int) and w.shape[1] == nf
+
+
 def linear_shape(m: nn.Module | None) -> tuple[int, int] | None:
     """(in_features, out_features) of a linear map module: nn.Linear or HF's Conv1D (``x @ W``)."""
     if isinstance(m, nn.Linear):
         return (m.in_features, m.out_features)
-    w, nf = getattr(m, "weight", None), getattr(m, "nf", None)
-    if isinstance(w, Tensor) and w.dim() == 2 and isinstance(nf, int) and w.shape[1] == nf:
-        return (int(w.shape[0]), nf)
-    return None
+    return (int(m.weight.shape[0]), int(m.nf)) if is_conv1d(m) else None
 
 
 def is_norm(m: nn.Module) -> bool:

@@ -9,7 +9,7 @@ This is the one import for working with a model's layout::
     site = resolve(model, "head_out.3.2", positions="last")
 
 Detection lives in :mod:`mechscope.core.structure` (and the probe forward in
-:mod:`mechscope.core.probe`), aliases in :mod:`mechscope.core.aliases`. transformers is
+:mod:`mechscope.core.trace`, what blocks write in :mod:`mechscope.core.writes`), aliases in :mod:`mechscope.core.aliases`. transformers is
 optional: it is imported only by :func:`hf_model_from_config`, never at import time.
 """
 

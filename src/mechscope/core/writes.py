@@ -47,8 +47,8 @@ def _inside(path: str, root: str | None) -> bool:
 
 
 def follow(trace: Trace, block: str, start: str, avoid: tuple[str | None, ...]) -> str:
-    """From ``start``, the last module of the chain that passes its value on unchanged in
-    identity (the module's input *is* the previous one's output) inside ``block``."""
+    """From ``start``, the end of the chain of modules inside ``block`` each called once on
+    exactly the previous one's output (equal values) and returning the same width."""
     order = list(trace.outputs)
     current = start
     while True:

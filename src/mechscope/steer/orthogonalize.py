@@ -26,14 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.detect import is_conv1d
 from mechscope.core.run import find_module
 from mechscope.core.structure import StructureError, structure
 from mechscope.steer.apply import SteeringError, as_direction
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape [in, out]."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
 
 
 def _shared(model: nn.Module, weight: Tensor, owner: nn.Module) -> bool:
@@ -70,7 +66,7 @@ def orthogonalize_weights(model: nn.Module, direction: Any, inplace: bool = Fals
             _edit(m.weight, r, rows=False)
             if m.bias is not None:
                 _edit_bias(m.bias, r)
-        elif _is_conv1d(m):
+        elif is_conv1d(m):
             _edit(m.weight, r, rows=True)
             if getattr(m, "bias", None) is not None:
                 _edit_bias(m.bias, r)
