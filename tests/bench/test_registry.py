@@ -11,9 +11,9 @@ def _noop(ctx):
 
 def _registry() -> Registry:
     reg = Registry()
-    reg.register("toy_task", "das", "iia", (">=", 0.9), run=_noop)
-    reg.register("toy_task", "probe", "accuracy", (">=", 0.8), run=_noop)
-    reg.register("other_task", "sae", "mse", ("<=", 0.1), run=_noop)
+    reg.register("toy_task", "das", "iia", (">=", 0.9), kind="check", run=_noop)
+    reg.register("toy_task", "probe", "accuracy", (">=", 0.8), kind="check", run=_noop)
+    reg.register("other_task", "sae", "mse", ("<=", 0.1), kind="check", run=_noop)
     reg.register("other_task", "sae", "l0", None, run=_noop, full_only=True)
     return reg
 
@@ -65,7 +65,7 @@ def test_duplicate_registration_is_an_error():
 def test_decorator_returns_function_and_records_metadata():
     reg = Registry()
 
-    @reg.check("t", "m", "x", ("<", 3), baselines={"random": "a random guess"},
+    @reg.check("t", "m", "x", ("<", 3), kind="finding", baselines={"random": "a random guess"},
                other_metrics={"y": (">", 0)})
     def my_check(ctx):
         """First line is the description.

@@ -44,11 +44,12 @@ def out(tmp_path):
 def test_summary_table_and_criteria(out):
     html = render_report(board(), out)
     assert html.startswith("<!DOCTYPE html>") and "<h2>Summary</h2>" in html
-    assert "<b>1</b> passed · <b>2</b> failed · <b>1</b> for information" in html
+    assert "<b>checks 1/2 · findings 0/0 reproduced · 1 for information · 1 raised</b>" in html
     assert '<tr class="pass"><td><a href="#task-hier_eq">hier_eq</a></td><td>das</td><td>iia</td>' \
-           '<td class="num">0.991</td><td class="num">≥ 0.95</td><td class="verdict">PASS</td>' \
-           "<td>random_subspace 0.52, best_neurons 0.63</td>" in html
+           '<td class="kind">check</td><td class="num">0.991</td><td class="num">≥ 0.95</td>' \
+           '<td class="verdict">PASS</td><td>random_subspace 0.52, best_neurons 0.63</td>' in html
     assert '<td class="num">0.4</td><td class="num">≥ 0.9</td><td class="verdict">FAIL</td>' in html
+    assert "Failed checks and rows that raised:" in html
     assert '<td class="verdict">ERROR</td>' in html and "none (reported for information)" in html
     assert 'class="detail">layer=1, variable=WX</td>' in html
 
@@ -84,8 +85,8 @@ def test_load_scoreboard_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ScoreboardError, match="not valid JSON"):
         load_scoreboard(bad)
-    bad.write_text(json.dumps({**board(), "schema": 2}))
-    with pytest.raises(ScoreboardError, match="schema 2; this mechscope reads schema 1"):
+    bad.write_text(json.dumps({**board(), "schema": 3}))
+    with pytest.raises(ScoreboardError, match="schema 3; this mechscope reads schema 1 or 2"):
         load_scoreboard(bad)
     b = board()
     del b["rows"][0]["passed"]
@@ -119,3 +120,29 @@ def test_figure_entries_must_be_objects(tmp_path):
     (tmp_path / "scoreboard.json").write_text(json.dumps(b))
     with pytest.raises(ScoreboardError, match="'figures' must be a list, got dict"):
         load_scoreboard(tmp_path / "scoreboard.json")
+
+
+def _finding(value, passed, **extra):
+    return row("hier_eq", "das", "iia", value, {"op": ">=", "value": 0.95}, passed, kind="finding", **extra)
+
+
+def test_findings_table_on_the_first_screen_with_intervals_and_known_causes(out):
+    rows = [_finding(0.93, False, detail={"variable": "WX", "n": 2000, "ci95": [0.918, 0.94]},
+                     known_cause="pyvene reaches 0.944 on the same recipe", source="causal_abstraction.md"),
+            _finding(0.97, True, detail={"variable": "YZ", "n": 2000, "ci95": [0.962, 0.977]}),
+            row("core", "patching", "max_abs_diff", 0.0, {"op": "<=", "value": 1e-5}, True, kind="check")]
+    html = render_report({**board(), "schema": 2, "rows": rows}, out)
+    assert "checks 1/1 · findings 1/2 reproduced · 0 for information" in html
+    findings = html[html.index("<h2>Findings</h2>"):html.index("<h2>Summary</h2>")]
+    assert findings.index("variable=WX") < findings.index("variable=YZ")  # not reproduced first
+    assert "not reproduced" in findings and "pyvene reaches 0.944" in findings and "[0.918, 0.94]" in findings
+    assert "n=2000" in findings and "causal_abstraction.md" in findings and "max_abs_diff" not in findings
+    summary = html[html.index("<h2>Summary</h2>"):]
+    assert 'iia <span class="muted">(variable=WX)</span>' in summary  # rows of one metric told apart
+
+
+def test_an_amended_criterion_shows_the_one_it_replaced(out):
+    was = {"threshold": {"op": ">", "value": 3.0}, "reason": "mis-specified", "date": "2026-12-06"}
+    rows = [_finding(2.2, True, detail={"amended_from": was, "registered_after_observation": True})]
+    html = render_report({**board(), "rows": rows}, out)
+    assert "amended 2026-12-06 from &gt; 3" in html

@@ -23,11 +23,11 @@ def _draws(ctx):
 
 def make_registry(*, failing=False) -> Registry:
     reg = Registry()
-    reg.register("alpha", "das", "iia", (">=", 0.9), run=lambda ctx: Result(0.95, baselines={"random": 0.5}))
+    reg.register("alpha", "das", "iia", (">=", 0.9), kind="check", run=lambda ctx: Result(0.95, baselines={"random": 0.5}))
     reg.register("alpha", "probe", "draws", None, run=_draws)
     reg.register("alpha", "probe", "draws_again", None, run=_draws)
-    reg.register("beta", "sae", "mse", ("<=", 0.1), run=lambda ctx: 0.5 if failing else 0.05)
-    reg.register("beta", "sae", "slow_published", (">=", 0), run=lambda ctx: 1.0, full_only=True)
+    reg.register("beta", "sae", "mse", ("<=", 0.1), kind="check", run=lambda ctx: 0.5 if failing else 0.05)
+    reg.register("beta", "sae", "slow_published", (">=", 0), kind="check", run=lambda ctx: 1.0, full_only=True)
     return reg
 
 
@@ -43,7 +43,7 @@ def test_scoreboard_schema_and_file(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "scoreboard.json").read_text())
     assert on_disk == board
     assert TOP_KEYS <= set(board)
-    assert board["schema"] == 1 and board["seed"] == 3 and board["device"] == "cpu"
+    assert board["schema"] == 2 and board["seed"] == 3 and board["device"] == "cpu"
     assert board["torch"] == torch.__version__ and board["complete"] is True
     assert board["started"].endswith("Z") and board["started"][10] == "T"
     assert board["threads"] >= 1
@@ -109,9 +109,9 @@ def test_exception_and_nan_are_failed_rows_and_run_continues(tmp_path):
     def broken(ctx):
         raise RuntimeError("shape mismatch [2, 3] vs [3]")
 
-    reg.register("alpha", "das", "iia", (">=", 0.9), run=broken)
-    reg.register("alpha", "das", "nan_metric", (">=", 0.9), run=lambda ctx: math.nan)
-    reg.register("alpha", "probe", "accuracy", (">=", 0.9), run=lambda ctx: 1.0)
+    reg.register("alpha", "das", "iia", (">=", 0.9), kind="check", run=broken)
+    reg.register("alpha", "das", "nan_metric", (">=", 0.9), kind="check", run=lambda ctx: math.nan)
+    reg.register("alpha", "probe", "accuracy", (">=", 0.9), kind="check", run=lambda ctx: 1.0)
     board, log = run(tmp_path, registry=reg)
     err, nan, ok = board["rows"]
     assert err["passed"] is False and err["value"] is None
@@ -226,7 +226,7 @@ def test_check_module_that_fails_to_import_is_a_failed_row(tmp_path, monkeypatch
     failures = load_catalog(["mechscope.bench.no_such_checks"])
     assert [(name, type(e)) for name, e in failures] == [("mechscope.bench.no_such_checks", ModuleNotFoundError)]
     monkeypatch.setattr(runner, "REGISTRY", make_registry())
-    monkeypatch.setattr(runner, "load_catalog", lambda: failures)
+    monkeypatch.setattr(runner, "load_catalog", lambda **kw: failures)
     cfg = BenchConfig(out=tmp_path / "out")
     board = run_bench(cfg, stream=io.StringIO())
     row = board["rows"][0]
@@ -252,3 +252,22 @@ def test_world_model_loads_the_shipped_model_or_retrains_at_the_runs_seed(tmp_pa
                             log=logging.getLogger("test-world-model"))
     assert ctx(False).world_model(world, "a toy") == "shipped" and calls == []
     assert ctx(True).world_model(world, "a toy") == "retrained" and calls == [("recipe", 7)]
+
+
+def test_a_suite_runs_only_its_own_checks_and_records_its_models(tmp_path):
+    reg = make_registry()
+
+    def real_row(ctx):
+        ctx.record_model({"model": "tiny", "model_sha256": "ab" * 32})
+        ctx.record_model({"model": "tiny", "model_sha256": "ab" * 32})  # recorded once
+        return 1.0
+
+    reg.register("gemma", "structure", "gap", ("<=", 1e-4), kind="check", run=lambda ctx: 0.0, suite="real")
+    reg.register("gemma", "induction", "stripe", (">=", 0.4), kind="finding", run=real_row, suite="real")
+    board = run_bench(BenchConfig(out=tmp_path / "a", suite="real", report=False), reg, stream=io.StringIO())
+    assert [r["task"] for r in board["rows"]] == ["gemma", "gemma"] and board["suite"] == "real"
+    assert board["models"] == [{"model": "tiny", "model_sha256": "ab" * 32}]
+    default = run_bench(BenchConfig(out=tmp_path / "b", report=False), reg, stream=io.StringIO())
+    assert "gemma" not in {r["task"] for r in default["rows"]} and default["models"] == []
+    with pytest.raises(SelectionError, match="unknown check name 'gemma'"):
+        run_bench(BenchConfig(out=tmp_path / "c", only=("gemma",), report=False), reg, stream=io.StringIO())

@@ -9,17 +9,18 @@ from mechscope.bench.context import Result
 from mechscope.bench.registry import Registry
 from mechscope.bench.scoring import exception_row, jsonable, rows_for
 
-ROW_KEYS = {"task", "method", "metric", "value", "threshold", "passed", "baselines", "seconds", "detail"}
+ROW_KEYS = {"task", "method", "metric", "kind", "value", "threshold", "passed", "baselines", "seconds", "detail"}
 
 
 def _check(threshold=(">=", 0.9), **kwargs):
+    kwargs.setdefault("kind", "check" if threshold is not None else None)
     return Registry().register("toy_task", "das", "iia", threshold, run=lambda ctx: None, **kwargs)
 
 
 def test_result_row_passes_against_threshold():
     (row,) = rows_for(_check(), Result(0.95, baselines={"random_subspace": 0.5}, detail={"layer": 1}), 1.23456)
     assert set(row) == ROW_KEYS
-    assert row == {"task": "toy_task", "method": "das", "metric": "iia", "value": 0.95,
+    assert row == {"task": "toy_task", "method": "das", "metric": "iia", "kind": "check", "value": 0.95,
                    "threshold": {"op": ">=", "value": 0.9}, "passed": True,
                    "baselines": {"random_subspace": 0.5}, "seconds": 1.235, "detail": {"layer": 1}}
 

@@ -14,10 +14,10 @@ from mechscope.cli import SUBCOMMANDS, main
 def fake_checks(monkeypatch):
     """Replace the catalog with a registry of two fake checks; returns it for additions."""
     reg = Registry()
-    reg.register("alpha", "das", "iia", (">=", 0.9), run=lambda ctx: Result(0.95))
-    reg.register("beta", "probe", "accuracy", (">=", 0.9), run=lambda ctx: 0.97)
+    reg.register("alpha", "das", "iia", (">=", 0.9), kind="check", run=lambda ctx: Result(0.95))
+    reg.register("beta", "probe", "accuracy", (">=", 0.9), kind="check", run=lambda ctx: 0.97)
     monkeypatch.setattr(runner, "REGISTRY", reg)
-    monkeypatch.setattr(runner, "load_catalog", lambda: [])
+    monkeypatch.setattr(runner, "load_catalog", lambda **kw: [])
     return reg
 
 
@@ -40,9 +40,9 @@ def test_bench_pass_fail_and_no_fail(tmp_path, fake_checks, capsys):
     out = tmp_path / "o"
     assert main(["bench", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "2 passed, 0 failed" in err and str(out / "report.html") in err
+    assert "checks 2/2 · findings 0/0 reproduced · 0 for information" in err and str(out / "report.html") in err
     assert (out / "report.html").is_file()
-    fake_checks.register("beta", "probe", "broken", (">=", 0.9), run=lambda ctx: 1 / 0)
+    fake_checks.register("beta", "probe", "broken", (">=", 0.9), kind="check", run=lambda ctx: 1 / 0)
     assert main(["bench", "--out", str(out)]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
     assert main(["bench", "--out", str(out), "--no-fail"]) == 0

@@ -96,3 +96,14 @@ def test_select_and_scatter_are_inverse_for_heads_features_positions():
         Site("a", heads=[0], head_dim=5).select(act, None)
     with pytest.raises(SiteError, match="outside a last dimension"):
         Site("a", features=[12]).select(act, None)
+
+
+def test_a_range_of_positions_is_the_list_it_enumerates():
+    act = torch.arange(2 * 5).float().view(2, 5, 1)
+    site = Site("a", positions=range(1, 4))
+    assert site == Site("a", positions=[1, 2, 3])
+    assert site.resolve_positions(act, None).tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert Site.from_json(site.to_json()) == site
+    assert Site("a", positions=range(-2, 0)) == Site("a", positions=[-2, -1])
+    with pytest.raises(SiteError, match="is empty"):
+        Site("a", positions=range(3, 3))

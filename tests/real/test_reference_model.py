@@ -72,3 +72,24 @@ def test_steering_changes_generation_and_bos_is_an_outlier(gemma):
     steered = generate(model, tok, ["I think that"], [(site, Add(direction / direction.norm(), coeff=200.0))],
                        max_new_tokens=5, return_logits=True)
     assert not torch.allclose(plain.logits[:, 0], steered.logits[:, 0], atol=1e-2)
+
+
+def test_sae_trained_live_on_text_and_scored_on_held_out_text(gemma, tmp_path):
+    """The library path of `sae train --model gemma-3-270m --corpus ... --site resid_post.6`, small."""
+    from mechscope.core.models import resolve
+    from mechscope.sae.arch import SAEConfig
+    from mechscope.sae.text_data import TextActivations, TextSource, evaluate_on_text, held_out_skip
+    from mechscope.sae.train import TrainConfig, train
+
+    model, tok, _ = gemma
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"The {w} number {i} is written here, and the next line follows it." for i, w in
+                               enumerate(["first", "second", "third", "fourth", "fifth"] * 60)))
+    site, text = resolve(model, "resid_post.6"), TextSource(corpus, seq_len=64)
+    live = TextActivations(model, tok, site, text, batch_size=128, batch_windows=4, buffer_rows=256)
+    result = train(SAEConfig(d_in=640, d_sae=256, k=16), TrainConfig(steps=4, batch_size=128, progress=False), live)
+    skip = held_out_skip(live.record(), text, None)
+    assert skip == live.windows_read >= 4
+    scored = evaluate_on_text(result.sae, model, tok, site, text, windows=2, skip_windows=skip, batch_windows=2)
+    assert scored["n_tokens"] == 2 * 63 and scored["l0"] == pytest.approx(16)
+    assert scored["ce_zero_ablation"] > scored["ce_clean"] and 0 <= scored["dead_fraction"] <= 1

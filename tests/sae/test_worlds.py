@@ -83,5 +83,12 @@ def test_bench_checks_are_registered_with_their_thresholds():
     for world in ("induction", "grokking"):
         for arch in ("topk", "jumprelu"):
             c = checks[f"{world}/sae_{arch}/ce_loss_recovered"]
-            assert str(c.threshold) == ">= 0.9" and str(c.thresholds["l0"]) == "<= 32"
-    assert checks["hierarchical_equality/sae_search/iia"].threshold is None
+            assert str(c.threshold) == ">= 0.9"
+            # TopK's L0 cannot exceed k = 32: information, the original criterion kept (issue 18)
+            l0 = c.criteria["l0"]
+            if arch == "topk":
+                assert l0.kind == "info" and str(l0.amended_from.original) == "<= 32"
+            else:
+                assert str(l0.threshold) == "<= 32"
+    assert checks["hierarchical_equality/sae_search/iia"].threshold is None  # the IIA is reported ...
+    assert str(checks["hierarchical_equality/sae_search/iia"].thresholds["das_minus_iia"]) == ">= 0.05"  # ... DAS judged

@@ -124,7 +124,9 @@ def test_bench_checks_are_registered_with_the_published_thresholds():
     t = checks["tms_5_2_id/spd/identity_live"].thresholds
     assert (str(t["identity_live"]), str(t["identity_importance_min"])) == ("== 2", ">= 0.9")
     t = checks["resid_mlp/spd/w_in_live"].thresholds
-    assert (str(t["w_in_live"]), str(t["w_in_violations"])) == ("== 100", "<= 5")
+    assert (str(t["w_in_ci_alive"]), str(t["w_in_violations"])) == ("== 100", "<= 5")
+    assert t["w_in_live"] is None  # information since 2026-12-06: at most C = 100, and 100 at initialisation
+    assert str(checks["resid_mlp/spd/w_in_live"].criteria["w_in_live"].amended_from.original) == "== 100"
     t = checks["resid_mlp/spd_surgery/lost_fraction"].thresholds
     assert (str(t["lost_fraction"]), str(t["others_error_change"])) == (">= 0.9", "<= 0.1")
 

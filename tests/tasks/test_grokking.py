@@ -9,7 +9,7 @@ import torch
 from mechscope.core.config import ConfigError
 from mechscope.core.run import cache
 from mechscope.core.site import Site
-from mechscope.tasks import grokking
+from mechscope.tasks import grokking, modular
 
 
 def test_data_and_split():
@@ -94,3 +94,23 @@ def test_bad_input():
         model(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="residues 0..52"):
         model(torch.tensor([[60, 1, 53]]))
+
+
+def test_initial_model_is_the_first_snapshot_and_restricted_accuracy():
+    """The untrained baseline is the run's own initialisation (its step-0 snapshot); the
+    restricted logits of the shipped p = 53 model alone answer the pairs, the untrained
+    model's do not."""
+    cfg = grokking.quick_config(p=17, d_model=16, n_heads=2, d_head=8, d_mlp=32, steps=1, snapshot_every=1)
+    state = torch.random.get_rng_state()
+    start = grokking.initial_model(cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    _, hist = grokking.train_grokking(cfg)
+    for name, value in start.state_dict().items():
+        assert torch.equal(value, hist["snapshots"][0][name]), name
+    path = grokking.CHECKPOINT.with_name("grokking_p53.safetensors")
+    if not path.exists():
+        pytest.skip("grokking_p53 is not shipped")
+    model = grokking.load(path)
+    keys = modular.key_frequencies(model)["agreed"]
+    assert modular.progress_measures(model, keys)["restricted_acc"] >= 0.99
+    assert modular.progress_measures(grokking.initial_model(model.cfg), keys)["restricted_acc"] < 0.1

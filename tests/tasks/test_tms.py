@@ -129,3 +129,20 @@ def test_bad_input_errors():
         model.instance(2)
     with pytest.raises(ValueError, match="expected W as"):
         tms.feature_norms(torch.rand(5))
+
+
+def test_initial_model_is_where_training_starts():
+    """The untrained baseline is the trained model's own initialisation: one step of training
+    from initial_model's weights gives the trained model's first step; the global random
+    state is left alone; the draws of initial_weight_draws follow the same distribution."""
+    cfg = tms.intro_config(n_instances=3, steps=1, seed=7)
+    state = torch.random.get_rng_state()
+    start = tms.initial_model(cfg).W.detach()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(cfg.seed)
+    assert torch.equal(start, tms.TMS(cfg).W.detach())
+    trained, _ = tms.train_tms(cfg)
+    assert 0 < (trained.W.detach() - start).abs().max() < 0.01  # one AdamW step of lr 1e-3 away
+    draws = tms.initial_weight_draws(tms.intro_config(), 4000, torch.Generator().manual_seed(0))
+    assert draws.shape == (4000, 10, 2, 5)
+    assert draws.std().item() == pytest.approx(math.sqrt(2 / 7), rel=0.02)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from mechscope.core.stats import wilson_interval
 from mechscope.report import figures as _fig
 
 _FIGURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -23,12 +24,23 @@ class Result:
     value on the same metric and data. ``detail`` says what distinguishes the row (layer,
     variable, reduced setting, sizes); it must be JSON-serialisable. ``metric`` defaults to
     the check's registered metric; another one must be declared in ``other_metrics``.
+    ``n`` is the number of examples the value was computed on, and ``interval`` its 95 %
+    confidence interval (accuracies and IIA: :func:`mechscope.core.stats.wilson_interval`;
+    other means: ``bootstrap_interval``); the scoreboard keeps both in ``detail``. A finding
+    with an interval is reproduced only when the whole interval clears its threshold.
     """
 
     value: float
     baselines: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
     metric: str | None = None
+    n: int | None = None
+    interval: tuple[float, float] | None = None
+
+    @classmethod
+    def proportion(cls, value: float, n: int, **kwargs: Any) -> "Result":
+        """An accuracy or IIA over ``n`` examples, with its Wilson 95 % interval."""
+        return cls(float(value), n=int(n), interval=wilson_interval(float(value), int(n)), **kwargs)
 
 
 @dataclass
@@ -52,6 +64,13 @@ class CheckContext:
     out_dir: Path
     log: logging.Logger
     figures: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_model(self, record: dict[str, Any]) -> None:
+        """Put a real model's record (:func:`mechscope.core.load.model_record`: weights SHA-256,
+        library versions, dtype) into the scoreboard's ``models``."""
+        if record not in self.models:
+            self.models.append(record)
 
     @property
     def figures_dir(self) -> Path:

@@ -1,20 +1,22 @@
-"""Bench checks of predicting and controlling: probes with their controls, steering with its
-KL, representation finetuning beside prompting, steering, LoRA and full finetuning.
+"""Bench checks of controlling: steering with its KL, representation finetuning beside
+prompting, steering, LoRA and full finetuning (the planted-neuron probes are in
+:mod:`mechscope.bench.probe_checks`).
 
-Every threshold below is written from the issue / spec before the check first ran:
+Every threshold below is written from the issue / spec before the check first ran, except
+where an amendment (kept in the row) says otherwise:
 
-- planted neurons (Gurnee et al.): k-sparse support overlap >= 0.9 at k = the planted size;
-  F1 tracks the shift (Spearman >= 0.9 over six shifts); the control task stays near
-  chance (<= 0.05 above the majority class) while the real probe does not (>= 0.1 above);
-  the online code compresses the labels (compression > 1, shuffled labels beside it);
-- steering toy: difference of means has cosine > 0.9 with the planted concept's direction;
-  ablation brings the rate of emitting R on concept inputs to within 0.05 of its base rate
-  (concept-free inputs); addition makes R the output on >= 90 % of concept-free inputs;
-  KL of the unrelated behaviour (next-symbol prediction) <= 0.1 nats under ablation; the
-  weight edit equals the hook form (max |logit difference| <= 1e-4);
-- instruction task: LoReFT within 0.05 accuracy of LoRA with >= 10x fewer parameters.
+- steering toy: difference of means has cosine > 0.99 with the planted concept's direction
+  (amended from > 0.9, which an untrained model passes); ablation brings the rate of
+  emitting R on concept inputs to within 0.05 of its base rate (concept-free inputs) and
+  removes R from >= 90 % of them (amended in: the first alone passes for a model that never
+  emits R); addition makes R the output on >= 90 % of concept-free inputs; KL of the
+  unrelated behaviour (next-symbol prediction) <= 0.1 nats under ablation; the weight edit
+  equals the hook form (max |logit difference| <= 1e-4);
+- instruction task: LoReFT within 0.05 accuracy of LoRA, both at >= 0.9 accuracy (amended
+  in: the gap alone passes when both fail); the parameter ratio is information.
 
-The Othello world model's probes and edits are in :mod:`mechscope.bench.othello_checks`.
+Every steering row carries the untrained architecture's value as a baseline. The Othello
+world model's probes and edits are in :mod:`mechscope.bench.othello_checks`.
 """
 
 from __future__ import annotations
@@ -23,142 +25,20 @@ from typing import Any
 
 import torch
 
-from mechscope.bench import Result, check
-from mechscope.core.site import Site
+from mechscope.bench import Criterion, Result, amended, check
+from mechscope.circuits.attribution import site_gradients
 from mechscope.core.collect import activations
-from mechscope.probe.control import control_labels, probe_with_controls, shuffled_labels
-from mechscope.probe.linear import split_indices, train_probe
-from mechscope.probe.mdl import online_codelength
-from mechscope.probe.sparse import RANKINGS, f1_score, sparse_probe
+from mechscope.core.site import Site
+from mechscope.core.stats import bootstrap_interval, newcombe_interval
+from mechscope.probe.linear import probe_direction
 from mechscope.steer.apply import ablate, steer
 from mechscope.steer.baselines import compare
-from mechscope.probe.linear import probe_direction
 from mechscope.steer.directions import actadd, cosine, diff_of_means, pca_of_differences
 from mechscope.steer.finetune import TrainRecipe
 from mechscope.steer.orthogonalize import orthogonalize_weights
 from mechscope.tasks import instructions as ins
 from mechscope.tasks import registry
 from mechscope.tasks import steering_toy as st
-from mechscope.tasks.planted import make_planted
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v: list[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in t.unique():  # ties share their mean rank
-            r[t == val] = r[t == val].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-12))
-
-
-# =========================================================================== planted neurons
-_PLANTED = dict(n=4000, d=512, k=8)
-_SHIFTS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-
-
-@check("planted", "sparse_probe", "support_overlap", threshold=(">=", 0.9),
-       other_metrics={"f1_shift_spearman": (">=", 0.9)},
-       baselines={"random_neurons": "overlap / F1 of k neurons drawn at random"},
-       description="k-sparse probes (mean difference, F-statistic, mutual information, L1) recover the "
-                   "planted neurons at k = planted size, and their test F1 grows with the shift")
-def planted_sparse(ctx) -> list[Result]:
-    shifts = _SHIFTS
-    n = _PLANTED["n"] * (4 if ctx.full else 1)
-    f1: dict[str, list[float]] = {m: [] for m in RANKINGS}
-    overlap: dict[str, float] = {}
-    chosen: dict[str, list[int]] = {}
-    rand_f1 = []
-    for i, shift in enumerate(shifts):
-        data = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=shift, seed=ctx.seed * 100 + i)
-        split = split_indices(n, (0.6, 0.2, 0.2), ctx.seed)
-        for method in RANKINGS:
-            sp = sparse_probe(data.x, data.y, _PLANTED["k"], method, split=split)
-            f1[method].append(sp.f1)
-            if shift == 0.4:  # the overlap row: the middle of the spec's shift range
-                overlap[method] = sp.overlap(data.support.tolist())
-                chosen[method] = sp.neurons
-        gen = torch.Generator().manual_seed(ctx.seed + i)
-        rnd = torch.randperm(_PLANTED["d"], generator=gen)[:_PLANTED["k"]]
-        fit = train_probe(data.x[:, rnd], data.y, split=split)
-        rand_f1.append(f1_score(fit.probe.predict_index(data.x[split[2]][:, rnd])[:, 0], data.y[split[2]]))
-        if shift == 0.4:
-            support = data.support.tolist()
-            rand_overlap = len(set(rnd.tolist()) & set(support)) / len(support)
-    with ctx.figure("f1_vs_shift", caption="Test F1 of k-sparse probes (k = 8 planted neurons of 512) against "
-                    "the planted shift, per neuron ranking; random neurons as the baseline") as fig:
-        ax = fig.add_subplot()
-        for method in RANKINGS:
-            ax.plot(shifts, f1[method], marker="o", label=method)
-        ax.plot(shifts, rand_f1, ls="--", color="gray", label="random k neurons")
-        ax.set_xscale("log")
-        ax.set_xlabel("shift")
-        ax.set_ylabel("test F1")
-        ax.legend(fontsize=7)
-    rows = []
-    for method in RANKINGS:
-        detail = {"ranking": method, "shift": 0.4, "chosen_neurons": chosen[method], "planted": support, **_PLANTED, "n": n}
-        rows.append(Result(overlap[method], baselines={"random_neurons": rand_overlap}, detail=detail))
-        rows.append(Result(_spearman(list(shifts), f1[method]), metric="f1_shift_spearman",
-                           baselines={"random_neurons": _spearman(list(shifts), rand_f1)},
-                           detail={"ranking": method, "shifts": list(shifts), "f1": f1[method], "random_f1": rand_f1}))
-    return rows
-
-
-@check("planted", "linear_probe", "control_excess", threshold=("<=", 0.05),
-       other_metrics={"task_excess": (">=", 0.1), "memorising_control_excess": None},
-       baselines={"shuffled_labels": "accuracy above majority of a probe on shuffled labels",
-                  "task_probe": "accuracy above majority of the real probe"},
-       description="control task (random label per input type): its probe stays at chance while the real "
-                   "probe does not; with type-revealing activations the control probe memorises")
-def planted_control(ctx) -> list[Result]:
-    n = _PLANTED["n"] * (2 if ctx.full else 1)
-    data = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=1.0, seed=ctx.seed)
-    c = probe_with_controls(data.x, data.y, data.types, seed=ctx.seed)
-    chance = c.majority_accuracy
-    # the same probe on activations that reveal each example's type: memorisation shows up
-    mem = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=1.0, type_strength=0.9, seed=ctx.seed)
-    cm = probe_with_controls(mem.x, mem.y, mem.types, seed=ctx.seed)
-    detail = {"shift": 1.0, **_PLANTED, "n": n, "n_types": int(data.types.unique().numel()), **c.summary()}
-    return [
-        Result(c.control_accuracy - chance, detail=detail,
-               baselines={"shuffled_labels": c.shuffled_accuracy - chance, "task_probe": c.accuracy - chance}),
-        Result(c.accuracy - chance, metric="task_excess", detail=detail,
-               baselines={"shuffled_labels": c.shuffled_accuracy - chance}),
-        Result(cm.control_accuracy - cm.majority_accuracy, metric="memorising_control_excess",
-               detail={"type_strength": 0.9, **cm.summary(),
-                       "note": "types visible in the activations: a high value is memorisation, as the control task detects"}),
-    ]
-
-
-@check("planted", "mdl_probe", "compression", threshold=(">", 1.0),
-       baselines={"shuffled_labels": "compression of the same labels shuffled",
-                  "control_task": "compression of the control-task labels"},
-       description="online code (Voita & Titov): uniform codelength / online codelength, in bits")
-def planted_mdl(ctx) -> Result:
-    n = _PLANTED["n"] // 2 * (4 if ctx.full else 1)
-    data = make_planted(n=n, d=_PLANTED["d"], k=_PLANTED["k"], shift=1.0, seed=ctx.seed)
-    real = online_codelength(data.x, data.y, seed=ctx.seed)
-    shuf = online_codelength(data.x, shuffled_labels(data.y, ctx.seed + 1), seed=ctx.seed)
-    ctrl = online_codelength(data.x, control_labels(data.types, data.y, ctx.seed + 2), seed=ctx.seed)
-    with ctx.figure("online_code", caption="Bits to transmit each block's labels (online code), real labels "
-                    "against shuffled and control-task labels") as fig:
-        ax = fig.add_subplot()
-        for name, code in (("real", real), ("shuffled", shuf), ("control task", ctrl)):
-            ax.plot(code.block_ends, torch.tensor(code.block_bits).cumsum(0).tolist(), marker=".", label=name)
-        ax.plot(real.block_ends, [e for e in real.block_ends], ls="--", color="gray", label="uniform (1 bit/label)")
-        ax.set_xscale("log")
-        ax.set_xlabel("examples transmitted")
-        ax.set_ylabel("cumulative bits")
-        ax.legend(fontsize=7)
-    return Result(real.compression, baselines={"shuffled_labels": shuf.compression, "control_task": ctrl.compression},
-                  detail={**real.summary(), "shuffled_bits": shuf.codelength, "control_bits": ctrl.codelength,
-                          "shift": 1.0, "n": n, "d": _PLANTED["d"]})
 
 
 # =========================================================================== steering toy
@@ -197,69 +77,152 @@ def _select_layer(setup: dict[str, Any]) -> tuple[int, dict[int, dict[str, float
     return best, scores
 
 
-@check("steering_toy", "diff_of_means", "cosine_to_concept", threshold=(">", 0.9),
+def _untrained(ctx) -> Any:
+    """The steering toy's architecture at initialisation (seed + 1): every steering row's untrained baseline."""
+    return st.build_model(ctx.seed + 1).eval()
+
+
+def _readout(model: Any, site: Site, ids: torch.Tensor) -> torch.Tensor:  # -> [d]
+    """Mean gradient of logit(R) - logit(N) at the query with respect to ``site``: the direction the rest
+    of the model reads there, taken from the weights' use of it rather than from class means."""
+    def margin(logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, st.QUERY_POS, st.R] - logits[:, st.QUERY_POS, st.N]).mean()
+    _, _, grads = site_gradients(model, ids, [site], margin)
+    return grads[site].reshape(-1, grads[site].shape[-1]).mean(0)
+
+
+def _directions(model: Any, site: Site, n: int, s: int) -> dict[str, torch.Tensor]:
+    """Concept and concept-free activations, their difference of means, the paired truth and the readout."""
+    pos = activations(model, st.sample(n, s + 1, concept=True).ids, site)
+    neg = activations(model, st.sample(n, s + 2, concept=False).ids, site)
+    return dict(pos=pos, neg=neg, dm=diff_of_means(pos, neg), truth=st.concept_direction(model, site, n=n, seed=s + 7),
+                readout=_readout(model, site, st.sample(n, s + 9).ids))
+
+
+COSINE_AMENDED = amended((">", 0.9), "the truth (mean over matched pairs of marked minus plain sequences) and the "
+                         "difference of means estimate the same quantity, E[h | concept] - E[h | no concept], for "
+                         "any model, so only sampling noise keeps the cosine below 1: untrained models score "
+                         "0.90-0.97 at 600 per class (39 of seeds 1-40 pass > 0.9, none > 0.99). The trained value "
+                         "must clear the untrained range by a margin, at 600 per class in every setting (at 2000, "
+                         "30 of those 40 untrained models pass > 0.99)", "2026-12-06")
+DIRECTION_N = 600  # per class, in both settings: the amended criterion's margin is calibrated at this size
+
+
+@check("steering_toy", "diff_of_means", "cosine_to_concept", threshold=(">", 0.99), kind="finding",
+       source="tasks.md (steering toy: cosine > 0.9 with the concept direction), raised above the untrained "
+              "range 0.90-0.97 (600 per class)", amended_from=COSINE_AMENDED, after_observation=True,
+       other_metrics={"cosine_to_readout": None},
        baselines={"probe_direction": "cosine of a logistic probe's direction", "actadd_one_pair": "ActAdd, one prompt pair",
-                  "pca_of_differences": "RepE reading vector", "random_direction": "a random direction"},
+                  "pca_of_differences": "RepE reading vector", "random_direction": "a random direction",
+                  "untrained_model": "the same measure on the untrained architecture (seed + 1)"},
        description="difference of means at the middle layer (query position) against the planted concept's "
-                   "direction there (mean over matched pairs of marked minus plain sequences)")
-def toy_direction(ctx) -> Result:
+                   "direction there (mean over matched pairs of marked minus plain sequences); info: against "
+                   "the direction the later layers read (mean gradient of logit R - logit N)")
+def toy_direction(ctx) -> list[Result]:
     model = _steering_model(ctx)
-    n = 2000 if ctx.full else 600
+    n = DIRECTION_N
     layer = st.MODEL.n_layers // 2
     site = Site(f"blocks.{layer}", positions=[st.QUERY_POS])
     s = ctx.seed * 1000
-    pos = activations(model, st.sample(n, s + 1, concept=True).ids, site)
-    neg = activations(model, st.sample(n, s + 2, concept=False).ids, site)
-    truth = st.concept_direction(model, site, n=n, seed=s + 7)
+    d, u = _directions(model, site, n, s), _directions(_untrained(ctx), site, n, s)
+    truth, dm = d["truth"], d["dm"]
     marked, plain = st.pairs(n, s + 8)
     pm, pp = activations(model, marked, site), activations(model, plain, site)
-    dm = diff_of_means(pos, neg)
     labels = torch.cat([torch.ones(n), torch.zeros(n)]).long()
-    base = {"probe_direction": cosine(probe_direction(torch.cat([pos, neg]), labels, seed=ctx.seed), truth),
+    base = {"probe_direction": cosine(probe_direction(torch.cat([d["pos"], d["neg"]]), labels, seed=ctx.seed), truth),
             "actadd_one_pair": cosine(actadd(pm[0], pp[0]), truth),
             "pca_of_differences": cosine(pca_of_differences(pm, pp, seed=ctx.seed), truth),
-            "random_direction": cosine(torch.randn(truth.shape[0], generator=torch.Generator().manual_seed(ctx.seed)), truth)}
+            "random_direction": cosine(torch.randn(truth.shape[0], generator=torch.Generator().manual_seed(ctx.seed)), truth),
+            "untrained_model": cosine(u["dm"], u["truth"])}
     value = cosine(dm, truth)
     with ctx.figure("direction_cosines", caption=f"Cosine with the planted concept direction at blocks.{layer} "
                     "(query position), per way of finding a direction") as fig:
         ax = fig.add_subplot()
         names = ["diff_of_means", *base]
         ax.barh(names, [value, *base.values()], color=["#4a7"] + ["#888"] * len(base))
-        ax.axvline(0.9, ls="--", color="red")
+        ax.axvline(0.99, ls="--", color="red")
         ax.set_xlabel("cosine with concept direction")
-    return Result(value, baselines=base, detail={"site": str(site), "n_per_class": n, "norm": float(dm.norm())})
+    detail = {"site": str(site), "n_per_class": n, "norm": float(dm.norm()), "untrained_norm": float(u["dm"].norm())}
+    return [Result(value, n=2 * n, baselines=base, detail=detail),
+            Result(cosine(dm, d["readout"]), metric="cosine_to_readout", n=n,
+                   baselines={"untrained_model": cosine(u["dm"], u["readout"])},
+                   detail={"site": str(site), "what": "cosine of the difference of means with the mean gradient of "
+                           "logit(R) - logit(N) at the query, over inputs with and without the concept"})]
 
 
-@check("steering_toy", "directional_ablation", "r_rate_excess", threshold=("<=", 0.05),
-       other_metrics={"kl_unrelated": ("<=", 0.1)},
+def _ablation(model: Any, pos: torch.Tensor, neg: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per input: R before and after ablating ``v`` on concept inputs, R on concept-free inputs, the KL."""
+    with torch.no_grad():
+        clean_neg = model(neg)
+        return {"clean": st.emits_r(model(pos)), "ablated": st.emits_r(ablate(model, pos, v)),
+                "base": st.emits_r(clean_neg), "kl": st.content_kl_per_input(clean_neg, ablate(model, neg, v))}
+
+
+def _rate(x: torch.Tensor) -> float:
+    return float(x.double().mean())
+
+
+def _removed(m: dict[str, torch.Tensor]) -> float:
+    """Fraction of concept inputs that emitted R before the ablation and no longer do."""
+    return _rate(m["clean"] & ~m["ablated"])
+
+
+def _untrained_direction(ctx, setup: dict[str, Any], layer: int) -> tuple[Any, torch.Tensor]:
+    """The untrained model and its own difference of means at ``layer``, from the same fitting inputs."""
+    model = _untrained(ctx)
+    (pos, neg), site = setup["fit"], setup["sites"][layer]
+    return model, diff_of_means(activations(model, pos, site), activations(model, neg, site))
+
+
+@check("steering_toy", "directional_ablation", "r_rate_excess", threshold=("<=", 0.05), kind="finding",
+       source="tasks.md (ablation drops P(R | concept) to about the base rate; KL on concept-free inputs small)",
+       other_metrics={"kl_unrelated": ("<=", 0.1),
+                      "r_removed_rate": Criterion.finding(
+                          ">=", 0.9, source="tasks.md (ablation drops P(R | concept) to about the base rate, from "
+                          "a clean rate near 1); 0.9 as for addition's induced rate", after_observation=True,
+                          amended_from=amended(None, "r_rate_excess and kl_unrelated pass for an untrained model, "
+                                               "which never emits R (excess 0, KL 0.002-0.005): the ablation must "
+                                               "also remove R where the model emitted it", "2026-12-06"))},
        baselines={"clean": "rate of R on concept inputs without ablation",
-                  "random_direction": "after ablating a random direction"},
+                  "random_direction": "after ablating a random direction",
+                  "untrained_model": "the untrained architecture (seed + 1), ablating its own difference of means"},
        description="ablating the difference-of-means direction at every layer and position: rate of emitting R "
-                   "on concept inputs minus the base rate (concept-free inputs); KL of next-symbol predictions "
-                   "on concept-free inputs")
+                   "on concept inputs minus the base rate (concept-free inputs); the fraction of concept inputs "
+                   "whose R it removes; KL of next-symbol predictions on concept-free inputs")
 def toy_ablation(ctx) -> list[Result]:
     setup = _toy_setup(ctx)
     layer, scores = _select_layer(setup)
     model, (pos, neg), v = setup["model"], setup["test"], setup["dirs"][layer]
     rnd = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
+    untrained, u_dir = _untrained_direction(ctx, setup, layer)
+    m, r, u = _ablation(model, pos, neg, v), _ablation(model, pos, neg, rnd), _ablation(untrained, pos, neg, u_dir)
     with torch.no_grad():
-        base_rate = st.r_rate(model(neg))["argmax_r"]
-        clean = st.r_rate(model(pos))["argmax_r"]
-        ablated = st.r_rate(ablate(model, pos, v))
-        random_ablated = st.r_rate(ablate(model, pos, rnd))["argmax_r"]
-        kl = st.content_kl(model(neg), ablate(model, neg, v))
+        ablated_p_r = st.r_rate(ablate(model, pos, v))["p_r"]
         kl_query = st.query_kl(model(neg), ablate(model, neg, v))
-    detail = {"layer": layer, "selection": scores, "base_rate": base_rate, "ablated_rate": ablated["argmax_r"],
-              "ablated_mean_p_r": ablated["p_r"], "query_kl_concept_free": kl_query, "n_test": setup["n"]}
-    return [Result(ablated["argmax_r"] - base_rate, detail=detail,
-                   baselines={"clean": clean - base_rate, "random_direction": random_ablated - base_rate}),
-            Result(kl, metric="kl_unrelated", detail={"layer": layer, "what": "KL(clean || ablated), next-symbol "
-                                                      "predictions at content positions of concept-free inputs"})]
+    excess = {k: _rate(x["ablated"]) - _rate(x["base"]) for k, x in (("real", m), ("random", r), ("untrained", u))}
+    n_pos, n_neg = len(pos), len(neg)
+    detail = {"layer": layer, "selection": scores, "base_rate": _rate(m["base"]), "ablated_rate": _rate(m["ablated"]),
+              "ablated_mean_p_r": ablated_p_r, "query_kl_concept_free": kl_query, "n_test": setup["n"],
+              "interval": "Newcombe's hybrid score interval (two independent samples: concept and concept-free)"}
+    kl = m["kl"].double()
+    return [Result(excess["real"], n=n_pos + n_neg, detail=detail,
+                   interval=newcombe_interval(_rate(m["ablated"]), n_pos, _rate(m["base"]), n_neg),
+                   baselines={"clean": _rate(m["clean"]) - _rate(m["base"]), "random_direction": excess["random"],
+                              "untrained_model": excess["untrained"]}),
+            Result.proportion(_removed(m), n_pos, metric="r_removed_rate",
+                              detail={"layer": layer, "clean_rate": _rate(m["clean"])},
+                              baselines={"random_direction": _removed(r), "untrained_model": _removed(u)}),
+            Result(float(kl.mean()), metric="kl_unrelated", n=n_neg, interval=bootstrap_interval(kl, seed=ctx.seed),
+                   baselines={"random_direction": float(r["kl"].mean()), "untrained_model": float(u["kl"].mean())},
+                   detail={"layer": layer, "what": "KL(clean || ablated), next-symbol predictions at content "
+                           "positions of concept-free inputs", "interval": "bootstrap over inputs"})]
 
 
-@check("steering_toy", "addition", "r_rate_induced", threshold=(">=", 0.9),
+@check("steering_toy", "addition", "r_rate_induced", threshold=(">=", 0.9), kind="finding",
+       source="tasks.md (adding the direction induces R on concept-free inputs)",
        other_metrics={"kl_unrelated": None},
-       baselines={"clean": "rate of R on concept-free inputs", "random_direction": "adding a random direction of the same norm"},
+       baselines={"clean": "rate of R on concept-free inputs", "random_direction": "adding a random direction of the same norm",
+                  "untrained_model": "the untrained architecture (seed + 1), adding its own difference of means"},
        description="adding the difference of means (coefficient 1) at the selected layer, every position, to "
                    "concept-free inputs: rate of emitting R; KL of next-symbol predictions; strength sweep figure")
 def toy_addition(ctx) -> list[Result]:
@@ -269,6 +232,7 @@ def toy_addition(ctx) -> list[Result]:
     site = Site(f"blocks.{layer}")
     rnd = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
     rnd = rnd / rnd.norm() * v.norm()
+    untrained, u_dir = _untrained_direction(ctx, setup, layer)
     coeffs = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]
     with torch.no_grad():
         clean = model(neg)
@@ -278,6 +242,7 @@ def toy_addition(ctx) -> list[Result]:
             sweep.append({"coeff": c, "r_rate": st.r_rate(out)["argmax_r"], "kl": st.content_kl(clean, out)})
         at1 = next(r for r in sweep if r["coeff"] == 1.0)
         random_rate = st.r_rate(steer(model, neg, rnd, site, 1.0))["argmax_r"]
+        u_out, u_clean = steer(untrained, neg, u_dir, site, 1.0), untrained(neg)
     with ctx.figure("strength_sweep", caption=f"Adding c x (difference of means) at blocks.{layer} on concept-free "
                     "inputs: rate of emitting R and KL of the unrelated next-symbol predictions") as fig:
         ax = fig.add_subplot()
@@ -290,12 +255,15 @@ def toy_addition(ctx) -> list[Result]:
         ax2.set_yscale("symlog", linthresh=1e-3)
         fig.legend(loc="center right", fontsize=7)
     detail = {"layer": layer, "coeff": 1.0, "norm": float(v.norm()), "sweep": sweep}
-    return [Result(at1["r_rate"], detail=detail,
-                   baselines={"clean": st.r_rate(clean)["argmax_r"], "random_direction": random_rate}),
-            Result(at1["kl"], metric="kl_unrelated", detail={"layer": layer, "coeff": 1.0})]
+    return [Result.proportion(at1["r_rate"], len(neg), detail=detail,
+                              baselines={"clean": st.r_rate(clean)["argmax_r"], "random_direction": random_rate,
+                                         "untrained_model": st.r_rate(u_out)["argmax_r"]}),
+            Result(at1["kl"], metric="kl_unrelated", n=len(neg), detail={"layer": layer, "coeff": 1.0},
+                   baselines={"untrained_model": st.content_kl(u_clean, u_out)})]
 
 
-@check("steering_toy", "weight_orthogonalization", "max_abs_diff", threshold=("<=", 1e-4),
+@check("steering_toy", "weight_orthogonalization", "max_abs_diff", threshold=("<=", 1e-4), kind="check",
+       source="control.md (Arditi et al. 2024: the weight edit is equivalent to directional ablation)",
        baselines={"unedited": "max |logit difference| of the unedited model (the edit must matter)"},
        description="orthogonalising embedding, attention-output and MLP-output weights against the direction "
                    "gives the same logits as directional ablation by hooks")
@@ -322,27 +290,47 @@ _ADAPTER_LR = 1e-2
 _FULL_FT_LR = 1e-3
 
 
-def _comparison(ctx) -> list[Any]:
+def _comparison(ctx) -> tuple[list[Any], float, int]:
+    """The methods' table, the frozen model's accuracy on the same test prompts (no intervention) and their number."""
     model = ctx.world_model(registry.get("instructions"), "the instruction model")
     n_train, n_test = (2000, 1000) if ctx.full else (1000, 300)
     task = ins.comparison_task(n_train, n_test, n_test, seed=ctx.seed)
     sites = [Site(f"blocks.{l}", io="input") for l in range(ins.MODEL.n_layers)]  # resid_pre of every block
     recipe = TrainRecipe(steps=800 if ctx.full else 400, lr=_ADAPTER_LR)
-    return compare(model, task, sites, ins.MODEL.d_model, recipe=recipe, batch_size=32, rank=4, positions="f2+l2",
+    rows = compare(model, task, sites, ins.MODEL.d_model, recipe=recipe, batch_size=32, rank=4, positions="f2+l2",
                    lora_rank=8, lora_alpha=16.0, full_lr=_FULL_FT_LR, seed=ctx.seed,
                    log=lambda s: ctx.log.info(s[:200]))
+    return rows, task.accuracy(ins.plain(model), task.test), len(task.test)
 
 
-@check("instructions", "loreft", "accuracy_gap_to_lora", threshold=("<=", 0.05),
-       other_metrics={"lora_param_ratio": (">=", 10.0), "accuracy": None, "kl_unrelated": None},
+# A method that does the task: exact match on at least 90 % of the held-out prompts (prompting, the
+# reference, scores 1.0 on them); the gap to LoRA means something only where both clear it.
+ACCURACY_FLOOR = 0.9
+FLOOR = dict(source="control.md (LoReFT: similar accuracy to LoRA with 15-65x fewer parameters) on a task the "
+                    "model does when prompted (prompting 1.0); floor 0.9 as for the steering toy's induced rate",
+             after_observation=True,
+             amended_from=amended(None, "the gap to LoRA passes when both methods fail (the frozen model, no "
+                                  "intervention, scores 0 on both): each must do the task", "2026-12-06"))
+
+
+@check("instructions", "loreft", "accuracy_gap_to_lora", threshold=("<=", 0.05), kind="finding",
+       source="control.md (Wu et al. 2024: LoReFT at similar or better accuracy than LoRA)",
+       other_metrics={"lora_param_ratio": Criterion.info(amended_from=amended(
+                          (">=", 10.0), "a parameter count, fixed by the ranks and sites before any training: "
+                          "information, not a claim about a network", "2026-12-06")),
+                      "accuracy": Criterion.finding(">=", ACCURACY_FLOOR, **FLOOR),
+                      "lora_accuracy": Criterion.finding(">=", ACCURACY_FLOOR, **FLOOR),
+                      "kl_unrelated": None},
        baselines={"prompting": "instruction token in the prompt", "steering": "contrastive vector, best site/position/coeff",
                   "direft": "DiReFT, same sites and rank", "lora": "LoRA r=8 on every linear layer (peft)",
-                  "full_finetuning": "every parameter trained"},
+                  "full_finetuning": "every parameter trained",
+                  "no_intervention": "the frozen model on the same prompts, nothing trained"},
        description="make the instruction model reverse without being told: LoReFT (rank 4, resid_pre of every block, "
                    "first 2 + last 2 prompt tokens) against prompting, steering, DiReFT, LoRA and full finetuning on the "
                    "same data; accuracy = exact match of the greedy answer, KL on unrelated (SORT/SHIFT) prompts")
 def reft_table(ctx) -> list[Result]:
-    rows = {r.method: r for r in _comparison(ctx)}
+    methods, frozen_acc, n = _comparison(ctx)
+    rows = {r.method: r for r in methods}
     lo, lora = rows["loreft"], rows["lora"]
     table = [r.row() for r in rows.values()]
     for r in table:
@@ -363,11 +351,15 @@ def reft_table(ctx) -> list[Result]:
     kl = {k: v.kl_unrelated for k, v in rows.items() if k != "loreft"}
     params = {k: float(v.trainable_params) for k, v in rows.items() if k != "loreft"}
     detail = {"table": table, "setting": "full" if ctx.full else "reduced", "adapter_lr": _ADAPTER_LR,
-              "full_finetuning_lr": _FULL_FT_LR}
-    return [Result(lora.accuracy - lo.accuracy, detail=detail,
-                   baselines={k: lora.accuracy - v for k, v in acc.items() if k != "lora"}),
+              "full_finetuning_lr": _FULL_FT_LR, "n_test": n,
+              "interval": "Newcombe's hybrid score interval (conservative for two methods on the same prompts)"}
+    return [Result(lora.accuracy - lo.accuracy, n=n, interval=newcombe_interval(lora.accuracy, n, lo.accuracy, n),
+                   detail=detail, baselines={k: lora.accuracy - v for k, v in acc.items() if k != "lora"}),
             Result(lora.trainable_params / lo.trainable_params, metric="lora_param_ratio",
                    detail={"loreft_params": lo.trainable_params, "lora_params": lora.trainable_params},
                    baselines={k: v / lo.trainable_params for k, v in params.items() if v > 0}),
-            Result(lo.accuracy, metric="accuracy", baselines=acc, detail={"method": "loreft"}),
-            Result(lo.kl_unrelated, metric="kl_unrelated", baselines=kl, detail={"method": "loreft"})]
+            Result.proportion(lo.accuracy, n, metric="accuracy", baselines={**acc, "no_intervention": frozen_acc},
+                              detail={"method": "loreft"}),
+            Result.proportion(lora.accuracy, n, metric="lora_accuracy", baselines={"no_intervention": frozen_acc},
+                              detail={"method": "lora", "rank": 8}),
+            Result(lo.kl_unrelated, metric="kl_unrelated", n=n, baselines=kl, detail={"method": "loreft"})]

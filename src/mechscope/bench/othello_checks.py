@@ -3,7 +3,11 @@
 Thresholds written from the issue / spec before the checks first ran: at the best layer
 the relative probe (empty / mine / theirs) beats the absolute one (empty / black / white)
 by >= 0.05 mean accuracy; probe edits change the predicted legal moves to the edited
-board's in >= 80 % of edits (random directions of the same length beside them).
+board's in >= 80 % of edits (random directions of the same length beside them). The best
+layer is the one whose probe is best on the validation split; the test split is only
+scored (until 2026-12-06 the layer was chosen on the test split, which biased it up).
+Accuracies carry a 95 % interval (Wilson for the edits; a bootstrap over held-out games
+for the probes) and the untrained model's value beside them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 
 from mechscope.bench import Result, check
 from mechscope.probe.control import control_labels
-from mechscope.probe.linear import train_probe
+from mechscope.core.stats import bootstrap_interval
+from mechscope.probe.linear import split_indices, train_probe
 from mechscope.tasks import othello as oth
 from mechscope.tasks import othello_edit as oe
 from mechscope.tasks import registry
@@ -54,46 +59,81 @@ def _othello(ctx) -> dict[str, Any]:
     return out
 
 
-@check("othello", "linear_probe", "relative_minus_absolute", threshold=(">=", 0.05),
+def _correct_by_game(o: dict[str, Any], fit: Any, acts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[test games, 2]``: per held-out game, the number of right square predictions and of predictions, on
+    the test split the probes were scored on (whole games stay in one split)."""
+    _, _, te = split_indices(len(o["game"]), (0.6, 0.2, 0.2), o["kw"]["seed"], o["game"])
+    right = (fit.probe.predict(acts[te]) == labels[te]).double()  # [rows, 36]
+    games, where = torch.unique(o["game"][te], return_inverse=True)
+    out = torch.zeros(len(games), 2, dtype=torch.float64)
+    out[:, 0].index_add_(0, where, right.sum(1))
+    out[:, 1].index_add_(0, where, torch.full((len(te),), float(right.shape[1]), dtype=torch.float64))
+    return out
+
+
+def _ratio(v: torch.Tensor) -> torch.Tensor:  # [games, 2] or [games, 4] -> accuracy (or a difference of two)
+    acc = v[:, 0].sum() / v[:, 1].sum()
+    return acc if v.shape[1] == 2 else acc - v[:, 2].sum() / v[:, 3].sum()
+
+
+def _val_best(fits: dict[int, Any]) -> int:
+    """The layer whose probe is best on the validation split (the test split is only scored)."""
+    return max(fits, key=lambda l: float(fits[l].val_accuracy.mean()))
+
+
+@check("othello", "linear_probe", "relative_minus_absolute", threshold=(">=", 0.05), kind="finding",
+       source="control.md (Nanda, Lee & Wattenberg 2023: linear probes fail for black/white, succeed for "
+              "mine/theirs)",
        other_metrics={"relative_accuracy": None},
-       baselines={"absolute_best_layer": "absolute probe at its own best layer",
-                  "untrained_model": "relative probe on a randomly initialised model, same layer",
+       baselines={"absolute_best_layer": "absolute probe at its own best layer (chosen on validation)",
+                  "untrained_model": "the same measure on a randomly initialised model, same layer",
                   "control_task": "relative probe on control labels (random label per move token and square)",
                   "majority": "the most common class per square"},
        description="linear probes of each square (36 three-class probes) at every layer: relative coding "
-                   "(empty/mine/theirs) against absolute (empty/black/white), mean held-out accuracy")
+                   "(empty/mine/theirs) against absolute (empty/black/white), mean held-out accuracy at the layer "
+                   "whose relative probe is best on the validation split, scored on the test split")
 def othello_probes(ctx) -> list[Result]:
     o = _othello(ctx)
     rel = {l: p.accuracy for l, p in o["probes"]["relative"].items()}
     ab = {l: p.accuracy for l, p in o["probes"]["absolute"].items()}
-    best = max(rel, key=rel.get)
+    best, best_ab = _val_best(o["probes"]["relative"]), _val_best(o["probes"]["absolute"])
     untrained = oth.build_model(seed=ctx.seed + 1)
     u_acts = oth.residuals(untrained, o["games"], [best], o["game"], o["pos"])[best]
-    u_acc = train_probe(u_acts, o["rel"], **o["kw"]).accuracy
+    u_rel, u_ab = (train_probe(u_acts, o[c], **o["kw"]).accuracy for c in ("rel", "ab"))
     move_token = o["games"].tokens[o["game"], o["pos"]]  # the input type: the move just played
     ctrl = train_probe(o["acts"][best], control_labels(move_token, o["rel"], ctx.seed), **o["kw"]).accuracy
     majority = float(o["probes"]["relative"][best].majority_accuracy.mean())
+    by_game = torch.cat([_correct_by_game(o, o["probes"][c][best], o["acts"][best], o[k])
+                         for c, k in (("relative", "rel"), ("absolute", "ab"))], dim=1)  # [games, 4]
     with ctx.figure("probe_accuracy_per_layer", caption="Mean held-out accuracy of the 36 square probes per layer "
-                    "(-1 = embeddings), relative vs absolute coding, with controls at the best layer") as fig:
+                    "(-1 = embeddings), relative vs absolute coding, with controls at the layer chosen on "
+                    "validation") as fig:
         ax = fig.add_subplot()
         ls = o["layers"]
         ax.plot(ls, [rel[l] for l in ls], marker="o", label="relative (mine/theirs)")
         ax.plot(ls, [ab[l] for l in ls], marker="s", label="absolute (black/white)")
-        ax.scatter([best], [u_acc], marker="x", color="gray", label="untrained model")
+        ax.scatter([best], [u_rel], marker="x", color="gray", label="untrained model")
         ax.scatter([best], [ctrl], marker="^", color="red", label="control task")
         ax.axhline(majority, ls=":", color="gray", label="majority class")
         ax.set_xlabel("layer")
         ax.set_ylabel("mean probe accuracy")
         ax.legend(fontsize=7)
     per_square = o["probes"]["relative"][best].test_accuracy.tolist()
-    detail = {"best_layer": best, "relative": rel, "absolute": ab, "legal_top1": o["legal_top1"],
+    rows_scored = int(by_game[:, 1].sum()) // 36
+    interval = "bootstrap over held-out games (positions of one game are not independent)"
+    detail = {"best_layer": best, "chosen_on": "validation", "relative": rel, "absolute": ab,
+              "relative_val": {l: float(p.val_accuracy.mean()) for l, p in o["probes"]["relative"].items()},
+              "legal_top1": o["legal_top1"], "test_games": len(by_game), "interval": interval,
               "converged": all(p.probe.converged for c in o["probes"].values() for p in c.values()),
               "rows": int(len(o["game"])), "per_square_relative": [round(v, 3) for v in per_square],
               "selectivity": rel[best] - ctrl}
-    return [Result(rel[best] - ab[best], detail=detail,
-                   baselines={"absolute_best_layer": max(ab.values()) - ab[best]}),
-            Result(rel[best], metric="relative_accuracy", detail={"layer": best},
-                   baselines={"absolute_best_layer": max(ab.values()), "untrained_model": u_acc,
+    return [Result(rel[best] - ab[best], n=rows_scored, interval=bootstrap_interval(by_game, _ratio, seed=ctx.seed),
+                   detail=detail, baselines={"absolute_best_layer": ab[best_ab] - ab[best],
+                                             "untrained_model": u_rel - u_ab}),
+            Result(rel[best], metric="relative_accuracy", n=rows_scored,
+                   interval=bootstrap_interval(by_game[:, :2], _ratio, seed=ctx.seed),
+                   detail={"layer": best, "absolute_layer": best_ab, "interval": interval},
+                   baselines={"absolute_best_layer": ab[best_ab], "untrained_model": u_rel,
                               "control_task": ctrl, "majority": majority})]
 
 
@@ -110,7 +150,9 @@ def _edit_probes(ctx, model, layers: list[int]) -> tuple[dict[int, Any], dict[in
     return {l: f.probe for l, f in fits.items()}, {l: f.accuracy for l, f in fits.items()}
 
 
-@check("othello", "probe_edit", "success_rate", threshold=(">=", EDIT_SUCCESS),
+@check("othello", "probe_edit", "success_rate", threshold=(">=", EDIT_SUCCESS), kind="finding",
+       source="control.md (Li et al. 2023: adding/subtracting the probe direction flips a square and the "
+              "legal-move predictions follow the edited board)",
        other_metrics={"mean_errors": None},
        baselines={"random_direction": "each layer's displacement of the same length along a random direction",
                   "unedited": "the unedited model judged against the edited board",
@@ -152,9 +194,10 @@ def othello_edit(ctx) -> list[Result]:
               "mirror": mirror, "sweep": {m: {k: v for k, v in r.items() if k.endswith("success")}
                                           for m, r in sweep.items()},
               "world_model_legal_moves": o["legal"]}
-    return [Result(real["edited_success"], detail=detail,
+    n_edits = int(len(cases.game))
+    return [Result.proportion(real["edited_success"], n_edits, detail=detail,
                    baselines={"random_direction": real["random_success"], "unedited": real["clean_success"],
                               "mirror": mirror["edited_success"]}),
-            Result(real["edited_errors"], metric="mean_errors", detail={"edit_layers": layers},
+            Result(real["edited_errors"], metric="mean_errors", n=n_edits, detail={"edit_layers": layers},
                    baselines={"random_direction": real["random_errors"], "unedited": real["clean_errors"],
                               "mirror": mirror["edited_errors"]})]

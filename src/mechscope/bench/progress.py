@@ -21,7 +21,8 @@ _BAR_FORMAT = "[{bar:20}] {index}/{total} {current}  {status}"
 
 
 def outcome_text(rows: list[dict[str, Any]]) -> str:
-    """``PASS iia 0.991 >= 0.95`` per row, joined; ``ERROR`` rows show their error."""
+    """``PASS iia 0.991 >= 0.95`` per row (a finding: ``reproduced`` / ``NOT reproduced``),
+    joined; ``ERROR`` rows show their error."""
     parts = []
     for row in rows:
         if row.get("error"):
@@ -29,6 +30,8 @@ def outcome_text(rows: list[dict[str, Any]]) -> str:
             parts.append(f"ERROR {row['metric']}: {error}")
             continue
         verdict = {True: "PASS", False: "FAIL", None: "info"}[row["passed"]]
+        if row.get("kind") == "finding" and row["passed"] is not None:
+            verdict = "reproduced" if row["passed"] else "NOT reproduced"
         criterion = row["threshold"]
         crit = f" {criterion['op']} {criterion['value']:g}" if criterion else ""
         parts.append(f"{verdict} {row['metric']} {row['value']:.4g}{crit}")

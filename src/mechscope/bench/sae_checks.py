@@ -10,11 +10,15 @@ checks first ran:
   directions are seeded apart from the dictionary's initialisation: drawn from the same
   stream, the first 512 decoder rows started equal to the true features, MMCS 1 at step 0.)
 - **toy worlds** (induction residual stream, grokking MLP neurons): CE loss recovered
-  >= 0.90 at L0 <= 32, for TopK and for JumpReLU.
-- **causal scoring** (hierarchical equality, hidden layer 0): IIA of SAE features, found by
-  the same search and masking used for neurons, beside DAS, the best neurons and the
-  random subspace. The issue asks where SAE features land, not for a threshold: the rows
-  are reported without one.
+  >= 0.90 at L0 <= 32, for TopK and for JumpReLU. (Issue 18, 2026-12-06: a TopK SAE's L0
+  cannot exceed its k <= 32 by construction, so its L0 is information; JumpReLU's is not
+  bounded and keeps the criterion.)
+- **causal scoring** (hierarchical equality, hidden layer 0; price tagging with
+  ``--full``): IIA of SAE features, found by the same search and masking used for
+  neurons, beside DAS, the best neurons and the random subspace. The IIA itself is
+  reported; issue 18 (2026-12-06, after the values were known) adds the published
+  ordering as the criterion: DAS above SAE features by >= 0.05 on the same test pairs
+  (``das_minus_iia``; MIB: DAS > DBM over SAE features ~ neurons).
 
 The default run scores the shipped dictionaries (trained by ``mechscope train
 sae_synthetic`` / ``sae_toy_worlds`` at the published settings) and trains only the small
@@ -28,12 +32,11 @@ from typing import Any
 
 import torch
 
-from mechscope.bench import Result, check
-from mechscope.bench.sae_causal import score_features, train_site_sae
-from mechscope.causal.compare import SearchSettings, compare
-from mechscope.causal.das import FitConfig
+from mechscope.bench import Criterion, Result, amended, check
+from mechscope.bench.iia_contrast import contrasts, hits, paired_contrast
+from mechscope.bench.sae_causal import HE_SAE, he_table, pt_table
 from mechscope.core.run import cache
-from mechscope.sae.arch import SAEConfig
+from mechscope.sae.arch import SAE
 from mechscope.sae.evals import (
     cosine_matrix,
     density_histogram,
@@ -42,11 +45,8 @@ from mechscope.sae.evals import (
     mmcs,
     recovered_fraction,
 )
-from mechscope.sae.featurizer import SAEFeaturizer
 from mechscope.sae.io import load_sae, read_sae_metadata
-from mechscope.sae.train import TrainConfig
 from mechscope.tasks import (
-    hierarchical_equality as he,
     price_tagging as pt,
     sae_synthetic as recipes,
     sae_worlds as worlds,
@@ -55,6 +55,16 @@ from mechscope.tasks.synthetic_features import SyntheticConfig, SyntheticFeature
 
 SYN = "synthetic_features"
 HE = "hierarchical_equality"
+ISSUE_18 = "2026-12-06"
+SRC_MIB = ("causal_abstraction.md, hypotheses.md: MIB causal-variable track (Mueller et al. 2025, arXiv 2504.13151) "
+           "and RAVEL (Huang et al. 2024): DAS > DBM ~ DBM over PCA ~ DBM over SAE features ~ neurons")
+_NO_CRITERION = amended(None, "the row had no criterion; issue 18 gives every method row one from the published "
+                        "claims (causal_abstraction.md, hypotheses.md)", ISSUE_18)
+DAS_ABOVE_SAE = Criterion.finding(">=", 0.05, source=SRC_MIB, after_observation=True, amended_from=_NO_CRITERION)
+DAS_ABOVE_SAE_HE = Criterion.finding(">=", 0.05, source=SRC_MIB, after_observation=True, amended_from=_NO_CRITERION,
+                                     known_cause="not established; what is known: this table fits its own DAS for 10 "
+                                     "epochs (IIA 0.90-0.92), below the 30-epoch 0.93 of the main table, which narrows "
+                                     "the gap (docs/results.md, 2026-12-06)")
 
 
 # -- synthetic ground truth --------------------------------------------------------------
@@ -111,7 +121,9 @@ def _synthetic_figures(ctx: Any, res: dict[str, Any]) -> None:
 _SYN_EXTRA = {"mcc": None, "recovered_fraction": None, "dead_fraction": None, "fvu": None, "l0": None}
 
 
-@check(SYN, "topk_auxk", "mmcs", threshold=(">=", 0.99), other_metrics=_SYN_EXTRA,
+@check(SYN, "topk_auxk", "mmcs", threshold=(">=", 0.99), kind="finding", other_metrics=_SYN_EXTRA,
+       source="sae.md §3, reference run: 2x overcomplete TopK with AuxK reaches MMCS 0.999 (>= 0.99)",
+       baselines={"untrained_sae": "the same dictionary at its initialisation (step 0, same seed)"},
        description="2x overcomplete TopK SAE (1024 latents, k 5) with AuxK on 512 known directions in d 256 "
                    "(L0 5): mean max cosine of each true feature with the decoder")
 def synthetic_topk_auxk(ctx) -> list[Result]:
@@ -121,7 +133,9 @@ def synthetic_topk_auxk(ctx) -> list[Result]:
 
 
 @check(SYN, "topk_no_auxk", "mmcs", threshold=None,
-       other_metrics={"mmcs_gain_from_auxk": (">=", 0.05), **_SYN_EXTRA},
+       baselines={"untrained_sae": "the same dictionary at its initialisation (step 0, same seed)"},
+       other_metrics={"mmcs_gain_from_auxk": Criterion.finding(">=", 0.05, source="sae.md: Gao et al. 2024, AuxK"),
+                      **_SYN_EXTRA},
        description="the same SAE without AuxK (the contrast is part of the result; spec reference 0.82 vs 0.999)")
 def synthetic_topk_no_auxk(ctx) -> list[Result]:
     res = _synthetic(ctx.full)
@@ -133,6 +147,8 @@ def synthetic_topk_no_auxk(ctx) -> list[Result]:
 
 
 @check(SYN, "topk_untied", "mmcs", threshold=None, full_only=True,
+       source="sae.md §1.2 and §2: every library starts tied (W_enc = W_dec^T); the spec states no measured contrast "
+              "with an untied start, so this ablation is information (issue 18)",
        other_metrics={"mmcs_with_auxk": None, "dead_fraction_without_auxk": None, "dead_fraction_with_auxk": None},
        description="ablation (reported, --full only): the same two SAEs with an encoder started at random "
                    "directions instead of W_dec^T (the tied start of OpenAI, sparsify, SAELens and dictionary_learning)")
@@ -149,8 +165,18 @@ def _metric_rows(entry: dict[str, Any], full: bool) -> list[Result]:
     scores = _synthetic_rows(entry)
     detail = {"source": entry["source"], "setting": "full" if full else "shipped", "d": 256, "n_features": 512,
               "d_sae": 1024, "k": 5, "steps": int(entry["history"][-1]["step"])}
-    return [Result(scores["mmcs"], detail=detail)] + [Result(v, metric=k, detail=detail) for k, v in scores.items()
-                                                       if k != "mmcs"]
+    # MMCS, MCC and the recovered fraction are over the world's ground-truth features
+    per_feature = {"mmcs", "mcc", "recovered_fraction"}
+    n = entry["world"].features.shape[0]
+    untrained = {"untrained_sae": _untrained_mmcs(entry["world"])}
+    return [Result(v, metric=None if k == "mmcs" else k, n=n if k in per_feature else None,
+                   baselines=untrained if k == "mmcs" else {}, detail=detail) for k, v in scores.items()]
+
+
+def _untrained_mmcs(world: SyntheticFeatures) -> float:
+    """MMCS of the reference dictionary at its initialisation (step 0, same seed): the untrained baseline."""
+    _, sae_cfg, cfg = recipes.synthetic_setting(auxk=True)
+    return mmcs(world.features, SAE(sae_cfg, seed=cfg.seed).W_dec)
 
 
 # -- toy worlds: CE loss recovered --------------------------------------------------------
@@ -198,19 +224,27 @@ def _toy_rows(ctx: Any, world: str, arch: str) -> list[Result]:
         ax.bar(edges[:-1], h["counts"], width=edges[1] - edges[0], align="edge", color="#4a7")
         ax.set_xlabel("log10 density (fraction of tokens on which the latent fires)")
         ax.set_ylabel("latents")
-    base = {"zero_ablation": 0.0}
-    return [Result(s["ce_loss_recovered"], baselines=base, detail=detail),
-            Result(s["l0"], metric="l0", detail=detail),
-            Result(s["kl_score"], metric="kl_score", detail=detail),
-            Result(s["delta_loss"], metric="delta_loss", detail=detail),
-            Result(s["fvu"], metric="fvu", detail=detail)]
+    base, n = {"zero_ablation": 0.0}, int(s["n_positions"])
+    return [Result(s["ce_loss_recovered"], baselines=base, n=n, detail=detail),
+            Result(s["l0"], metric="l0", n=n, detail=detail),
+            Result(s["kl_score"], metric="kl_score", n=n, detail=detail),
+            Result(s["delta_loss"], metric="delta_loss", n=n, detail=detail),
+            Result(s["fvu"], metric="fvu", n=n, detail=detail)]
 
 
+# TopK keeps at most k latents per token (k = 16 on induction, 32 on grokking: tasks/sae_worlds.py),
+# so its L0 cannot exceed 32: information, with the original criterion kept; JumpReLU's L0 is set
+# by training and keeps it
+_TOPK_L0 = Criterion.info(amended_from=amended(("<=", 32), "a TopK SAE's L0 cannot exceed its k (16 or 32 here) by "
+                                               "construction, so the criterion could not fail (issue 18)", ISSUE_18))
 _TOY_EXTRA = {"l0": ("<=", 32), "kl_score": None, "delta_loss": None, "fvu": None}
 
 
 def _register_toy(world: str, arch: str, what: str) -> None:
-    @check(world, f"sae_{arch}", "ce_loss_recovered", threshold=(">=", 0.90), other_metrics=_TOY_EXTRA,
+    extra = {**_TOY_EXTRA, "l0": _TOPK_L0} if arch == "topk" else _TOY_EXTRA
+
+    @check(world, f"sae_{arch}", "ce_loss_recovered", threshold=(">=", 0.90), kind="finding", other_metrics=extra,
+           source="sae.md §3 (CE loss recovered, SAELens ce_loss_score): the project's issue sets >= 0.90 at L0 <= 32",
            baselines={"zero_ablation": "the site zeroed (0 by definition)"},
            description=f"{arch} SAE on {what}, spliced into the model: (CE_zero - CE_sae) / (CE_zero - CE_clean), "
                        "with L0 on the same inputs")
@@ -225,30 +259,6 @@ for _world, _what in (("induction", "the 2-layer induction model's residual stre
 
 
 # -- causal scoring: SAE features beside DAS and neurons -----------------------------------
-HE_SAE = dict(d_sae=64, k=4, steps=2000, batch_size=1024)  # 4x the 16 hidden units, a quarter of them active
-
-
-@functools.lru_cache(maxsize=2)
-def _he_table(seed: int, full: bool) -> dict[str, Any]:
-    """IIA at hidden layer 0 of DAS, neurons (search and masking), SAE features (same), random subspace."""
-    n_train, n_test = (50_000, 4000) if full else (10_000, 1000)
-    fit = FitConfig(epochs=20 if full else 10, seed=seed)
-    search = SearchSettings(n=1000, sizes=tuple(range(1, 9))) if full else SearchSettings(n=200, sizes=(1, 2, 4, 8))
-    model = he.train(he.TrainConfig(seed=seed), log=lambda *a: None)[0] if full else he.load_model()
-    site = he.site(0)
-    train_sets = {w: he.counterfactuals(n_train, 7000 + 10 * seed + i, w) for i, w in enumerate(he.INTERVENTIONS)}
-    tests = {w: he.counterfactuals(n_test, 7100 + 10 * seed + i, w) for i, w in enumerate(he.INTERVENTIONS)}
-    table = compare(model, train_sets, tests, site, he.VARIABLES, 8, ("das", "neurons", "dbm"), fit=fit, search=search)
-    sample = lambda n, gen: he.to_model_inputs(he.sample(n, gen))  # noqa: E731 - the task's input distribution
-    sae_cfg = SAEConfig(d_in=16, d_sae=HE_SAE["d_sae"], arch="topk", k=HE_SAE["k"])
-    trained = train_site_sae(model, sample, site, sae_cfg, TrainConfig(steps=HE_SAE["steps"], batch_size=HE_SAE["batch_size"],
-                                                                       progress=False, seed=seed), seed=seed)
-    sae_res = score_features(model, SAEFeaturizer(trained.sae), train_sets, tests, site, he.VARIABLES, search, fit)
-    table.update({"sae_search": sae_res["search"], "sae_dbm": sae_res["dbm"]})
-    return {"table": table, "tests": list(tests), "sae_fvu": trained.history[-1]["fvu"], "sae_l0": trained.history[-1]["l0"],
-            "setting": "full" if full else "reduced", "n_train": 3 * n_train, "n_test": n_test}
-
-
 def _he_figure(ctx: Any, res: dict[str, Any]) -> None:
     order = ("das", "sae_search", "sae_dbm", "neurons", "dbm", "random_subspace")
     labels = ("DAS (8-d)", "SAE features\n(search)", "SAE features\n(masking)", "neurons\n(search)",
@@ -273,7 +283,7 @@ def _he_rows(ctx: Any, method: str) -> list[Result]:
     variables: 0 at the neurons found the same way (search for search, masking for
     masking), 1 at DAS, negative below the neurons.
     """
-    res = _he_table(ctx.seed, ctx.full)
+    res = he_table(ctx.seed, ctx.full)
     t = res["table"]
     ref = "best_neurons" if method == "sae_search" else "neurons_masking"
     rows, landings = [], []
@@ -284,7 +294,7 @@ def _he_rows(ctx: Any, method: str) -> list[Result]:
         landing = (r.value - base[ref]) / spread if spread > 0 else None
         if landing is not None:
             landings.append(landing)
-        rows.append(Result(r.value, baselines=base, detail={
+        rows.append(Result.proportion(r.value, r.kept, baselines=base, detail={
             "layer": 0, "variable": name, "n_pairs": r.n_pairs, "kept": r.kept, "setting": res["setting"],
             "features": t[method].info["features"], "sae": {**HE_SAE, "fvu": res["sae_fvu"], "l0": res["sae_l0"]},
             "neuron_reference": ref, "position_between_neurons_and_das": landing}))
@@ -292,26 +302,33 @@ def _he_rows(ctx: Any, method: str) -> list[Result]:
         rows.append(Result(sum(landings) / len(landings), metric="landing_between_neurons_and_das", detail={
             "neuron_reference": ref, "per_variable": dict(zip(t[method].iia, landings)),
             "meaning": "0: at the neurons found the same way, 1: at DAS (mean over variables)"}))
+    gaps = contrasts(res["model"], res["test_sets"], t["das"].alignment, t[method].alignment)
+    rows += [Result(g.value, metric="das_minus_iia", n=g.n, interval=g.interval, baselines={"das_itself": 0.0},
+                    detail={"layer": 0, "variable": name, "das": g.iia_a, method: g.iia_b,
+                            "interval": "paired bootstrap over the test pairs", "setting": res["setting"]})
+             for name, g in gaps.items()]
     return rows
 
 
 _HE_BASELINES = {"das": "DAS, 8 dims per variable", "best_neurons": "best neuron set found by the same search",
-                 "neurons_masking": "DBM over neurons", "random_subspace": "random 8-d subspace per variable"}
+                 "neurons_masking": "DBM over neurons", "random_subspace": "random 8-d subspace per variable",
+                 "das_itself": "das_minus_iia of a method as good as DAS (0 by definition)"}
 
 
-_HE_EXTRA = {"landing_between_neurons_and_das": None}
+_HE_EXTRA = {"landing_between_neurons_and_das": None, "das_minus_iia": DAS_ABOVE_SAE_HE}
 
 
 @check(HE, "sae_search", "iia", threshold=None, baselines=_HE_BASELINES, other_metrics=_HE_EXTRA,
        description="SAE features (TopK, 64 latents, k 4, error term added back) at hidden layer 0, sets found by the "
-                   "neuron search; reported beside DAS and neurons (no threshold: the issue asks where they land)")
+                   "neuron search, beside DAS and neurons; DAS above them by >= 0.05 (das_minus_iia)")
 def he_sae_search(ctx) -> list[Result]:
-    _he_figure(ctx, _he_table(ctx.seed, ctx.full))
+    _he_figure(ctx, he_table(ctx.seed, ctx.full))
     return _he_rows(ctx, "sae_search")
 
 
 @check(HE, "sae_dbm", "iia", threshold=None, baselines=_HE_BASELINES, other_metrics=_HE_EXTRA,
-       description="SAE features at hidden layer 0, sets found by differentiable binary masking over the latents")
+       description="SAE features at hidden layer 0, sets found by differentiable binary masking over the latents; "
+                   "DAS above them by >= 0.05 (das_minus_iia)")
 def he_sae_dbm(ctx) -> list[Result]:
     return _he_rows(ctx, "sae_dbm")
 
@@ -320,46 +337,36 @@ def he_sae_dbm(ctx) -> list[Result]:
 PT = "price_tagging"
 
 
-@functools.lru_cache(maxsize=2)
-def _pt_table(seed: int, n_train: int = 20_000, n_test: int = 4000, epochs: int = 20, search_n: int = 1000,
-              sae_steps: int = 2000, retrain: bool = True) -> dict[str, Any]:
-    """Per block's output at the "?" position: Boundless DAS, neurons and SAE features for L = [Z >= X].
-
-    The defaults are the published sizes (``--full``); smaller ones give a quick smoke run.
-    """
-    model = pt.train(pt.TrainConfig(seed=seed), log=lambda *a: None)[0] if retrain else pt.load_model()
-    fit, search = FitConfig(epochs=epochs, batch_size=256, seed=seed), SearchSettings(n=search_n, sizes=(1, 2, 4, 8))
-    train_sets = {"L": pt.counterfactuals(n_train, 7300 + seed, "L")}
-    tests = {"L": pt.counterfactuals(n_test, 7400 + seed, "L")}
-    sample = lambda n, gen: pt.to_model_inputs(pt.sample(n, gen))  # noqa: E731
-    layers = {}
-    for layer in range(pt.MODEL.n_layers):
-        site = pt.site(layer)
-        table = compare(model, train_sets, tests, site, ("L",), 8, ("boundless", "neurons"), readout=pt.readout,
-                        fit=fit, search=search)
-        sae_cfg = SAEConfig(d_in=pt.MODEL.d_model, d_sae=256, arch="topk", k=8)
-        trained = train_site_sae(model, sample, site, sae_cfg, TrainConfig(steps=sae_steps, batch_size=1024, progress=False,
-                                                                            seed=seed), n_rows=50_000, seed=seed)
-        sae_res = score_features(model, SAEFeaturizer(trained.sae), train_sets, tests, site, ("L",), search, fit,
-                                 readout=pt.readout)
-        table.update({"sae_search": sae_res["search"], "sae_dbm": sae_res["dbm"]})
-        layers[layer] = {"table": table, "fvu": trained.history[-1]["fvu"]}
-    return layers
+def _pt_gap(res: dict[str, Any], method: str, seed: int) -> Result:
+    """MIB's average over layers of IIA(Boundless DAS) − IIA(SAE features), paired over the test pairs."""
+    model, test = res["model"], res["tests"]["L"]
+    per_layer = {layer: (hits(model, test, e["table"]["boundless"].alignment, pt.readout),
+                         hits(model, test, e["table"][method].alignment, pt.readout))
+                 for layer, e in res["layers"].items()}
+    g = paired_contrast(torch.stack([a for a, _ in per_layer.values()]), torch.stack([b for _, b in per_layer.values()]),
+                        seed)
+    return Result(g.value, metric="das_minus_iia", n=g.n, interval=g.interval, baselines={"das_itself": 0.0}, detail={
+        "variable": "L", "position": "?", "found_by": method, "boundless_das": g.iia_a, method: g.iia_b,
+        "mean_over": "layers (MIB's average over layers)", "interval": "paired bootstrap over the test pairs",
+        "per_layer": {str(layer): float(a.double().mean() - b.double().mean()) for layer, (a, b) in per_layer.items()}})
 
 
-@check(PT, "sae_features", "iia", threshold=None, full_only=True,
+@check(PT, "sae_features", "iia", threshold=None, full_only=True, other_metrics={"das_minus_iia": DAS_ABOVE_SAE},
        baselines={"boundless_das": "Boundless DAS at the same site", "best_neurons": "best neuron set (same search)",
-                  "random_subspace": "random subspace of Boundless DAS's size"},
+                  "random_subspace": "random subspace of Boundless DAS's size",
+                  "das_itself": "das_minus_iia of a method as good as DAS (0 by definition)"},
        description="L = [Z >= X] at the '?' position after each block: SAE features (TopK, 256 latents, k 8) found "
-                   "by the neuron search and by masking, beside Boundless DAS and neurons (reported, --full only)")
+                   "by the neuron search and by masking, beside Boundless DAS and neurons; Boundless DAS above them "
+                   "by >= 0.05 on average over the layers (das_minus_iia; --full only)")
 def pt_sae_features(ctx) -> list[Result]:
-    rows = []
-    for layer, entry in _pt_table(ctx.seed).items():
+    res, rows = pt_table(ctx.seed), []
+    for layer, entry in res["layers"].items():
         t = entry["table"]
         base = {"boundless_das": t["boundless"].iia["L"].value, "best_neurons": t["neurons"].iia["L"].value,
                 "random_subspace": t["random_subspace"].iia["L"].value}
         for method in ("sae_search", "sae_dbm"):
-            rows.append(Result(t[method].iia["L"].value, baselines=base, detail={
+            r = t[method].iia["L"]
+            rows.append(Result.proportion(r.value, r.kept, baselines=base, detail={
                 "layer": layer, "position": "?", "variable": "L", "found_by": method, "sae_fvu": entry["fvu"],
-                "features": t[method].info["features"]}))
-    return rows
+                "features": t[method].info["features"], "n_pairs": r.n_pairs, "kept": r.kept}))
+    return rows + [_pt_gap(res, method, ctx.seed) for method in ("sae_search", "sae_dbm")]

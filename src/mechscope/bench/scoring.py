@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mechscope.bench.context import Result
-from mechscope.bench.registry import Check
+from mechscope.bench.registry import Check, Criterion
 
 
 def rows_for(check: Check, outcome: Any, seconds: float) -> list[dict[str, Any]]:
@@ -53,7 +53,7 @@ def as_number(x: Any) -> int | float | None:
 def make_row(check: Check, result: Result, seconds: float) -> dict[str, Any]:
     """Score one Result against its pre-registered criterion."""
     metric = result.metric or check.metric
-    if metric not in check.thresholds:
+    if metric not in check.criteria:
         return error_row(check, f"metric {metric!r} is not registered for check {check.name}; "
                          f"declare it with other_metrics={{{metric!r}: (op, value) or None}}",
                          seconds, result.detail)
@@ -64,15 +64,49 @@ def make_row(check: Check, result: Result, seconds: float) -> dict[str, Any]:
         number = as_number(raw)
         problem = problem or _bad_number(f"baseline {name!r}", raw, number)
         baselines[str(name)] = number if number is not None and math.isfinite(number) else None
+    detail = dict(result.detail)
+    problem = problem or _sample(result, value, detail)
     if problem:
-        return error_row(check, problem, seconds, result.detail, metric=metric, baselines=baselines)
-    threshold = check.thresholds[metric]
+        return error_row(check, problem, seconds, detail, metric=metric, baselines=baselines)
+    crit = check.criteria[metric]
     return {
-        "task": check.task, "method": check.method, "metric": metric, "value": value,
-        "threshold": threshold.to_dict() if threshold else None,
-        "passed": threshold.passes(value) if threshold else None,
-        "baselines": baselines, "seconds": round(seconds, 3), "detail": jsonable(result.detail),
+        "task": check.task, "method": check.method, "metric": metric, "kind": crit.kind, "value": value,
+        "threshold": crit.threshold.to_dict() if crit.threshold else None,
+        "passed": crit.verdict(value, result.interval),
+        "baselines": baselines, "seconds": round(seconds, 3),
+        "detail": jsonable({**detail, **registration(crit)}), **_source(crit),
     }
+
+
+def _sample(result: Result, value: Any, detail: dict[str, Any]) -> str | None:
+    """Put ``n`` and the interval into ``detail``; a problem with them fails the row."""
+    if result.n is not None:
+        if isinstance(result.n, bool) or not isinstance(result.n, int) or result.n < 1:
+            return f"n is {result.n!r}; it must be the positive number of examples the value was computed on"
+        detail["n"] = result.n
+    if result.interval is not None:
+        lo, hi = (as_number(v) for v in result.interval)
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            return f"interval {result.interval!r} is not two finite numbers"
+        slack = 1e-9 * max(1.0, abs(value))
+        if not lo - slack <= value <= hi + slack:
+            return f"interval [{lo:.4g}, {hi:.4g}] does not contain the value {value:.4g}"
+        detail["ci95"] = [lo, hi]
+    return None
+
+
+def registration(crit: Criterion) -> dict[str, Any]:
+    """What a row's detail says about its criterion's history: the amendment, if any."""
+    out: dict[str, Any] = {}
+    if crit.amended_from is not None:
+        out["amended_from"] = crit.amended_from.to_dict()
+    if crit.after_observation:
+        out["registered_after_observation"] = True
+    return out
+
+
+def _source(crit: Criterion) -> dict[str, Any]:
+    return {k: v for k, v in (("source", crit.source), ("known_cause", crit.known_cause)) if v}
 
 
 def _bad_number(what: str, raw: Any, number: int | float | None) -> str | None:
@@ -86,12 +120,13 @@ def _bad_number(what: str, raw: Any, number: int | float | None) -> str | None:
 def error_row(check: Check, error: str, seconds: float, detail: Any = None, *,
               metric: str | None = None, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """A failed row: ``value`` null, ``passed`` false, ``error`` says why."""
-    threshold = check.thresholds.get(metric or check.metric)
+    crit = check.criteria.get(metric or check.metric) or check.criteria[check.metric]
     return {
-        "task": check.task, "method": check.method, "metric": metric or check.metric, "value": None,
-        "threshold": threshold.to_dict() if threshold else None, "passed": False,
+        "task": check.task, "method": check.method, "metric": metric or check.metric, "kind": crit.kind,
+        "value": None, "threshold": crit.threshold.to_dict() if crit.threshold else None, "passed": False,
         "baselines": {k: v for k, v in (baselines or {}).items() if v is not None},
-        "seconds": round(seconds, 3), "detail": jsonable(detail or {}), "error": error,
+        "seconds": round(seconds, 3), "detail": jsonable({**(detail or {}), **registration(crit)}),
+        "error": error, **_source(crit),
     }
 
 

@@ -250,8 +250,10 @@ def step_loss(engine: Engine, trainable: Trainable, idx: Tensor, labels: Tensor)
 
 def das(model: nn.Module, data: CounterfactualData, sites: Site | Mapping[str, Site], dims: int | Mapping[str, int],
         readout: Readout = identity_readout, *, kind: Literal["subspace", "rotation"] = "subspace",
-        cfg: FitConfig = FitConfig(), orthogonality: Orthogonality = "retraction") -> tuple[Alignment, FitResult]:
-    """Learn a subspace (or rotation) per variable of ``data`` at ``sites`` by DAS."""
+        cfg: FitConfig = FitConfig(), orthogonality: Orthogonality = "retraction",
+        on_epoch: Callable[[int, float], None] | None = None) -> tuple[Alignment, FitResult]:
+    """Learn a subspace (or rotation) per variable of ``data`` at ``sites`` by DAS.
+    ``on_epoch(epoch, mean loss)`` is called after every epoch (e.g. an experiment tracker)."""
     sites = {v: sites for v in data.variables} if isinstance(sites, Site) else dict(sites)
     dims = {v: dims for v in data.variables} if isinstance(dims, int) else dict(dims)
     missing = [v for v in data.variables if v not in sites or v not in dims]
@@ -261,5 +263,5 @@ def das(model: nn.Module, data: CounterfactualData, sites: Site | Mapping[str, S
         engine = make_engine(model, data, {v: sites[v] for v in data.variables}, readout, cfg.engine)
         trainable = SubspaceAlignment({v: sites[v] for v in data.variables}, dims,
                                       widths_of(engine, list(sites.values())), kind, cfg.seed, orthogonality)
-    result = fit(model, data, trainable, readout, cfg, engine)
+    result = fit(model, data, trainable, readout, cfg, engine, on_epoch)
     return trainable.alignment(), result

@@ -71,15 +71,14 @@ def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> t
 
 
 def hf_config_error(e: Exception) -> UsageError:
-    """A usage error for a config transformers cannot build, in one short line (transformers'
-    own message for an unknown ``model_type`` lists every one it knows: 10 KB)."""
-    text = str(e)
-    unknown = re.search(r"(transformers \S+ )?does not know model_type ('[^']*'|\S+)", text)
-    if unknown or "Unrecognized model identifier" in text:
-        said = unknown.group(0) if unknown else "transformers does not know the config's model_type"
-        return UsageError(f"cannot build a model from --hf-config: {said}; check the spelling "
-                          "(e.g. gpt2, llama, qwen2, gemma3_text), or upgrade transformers")
-    text = " ".join(text.split())
+    """A usage error for a config transformers cannot build, in one short line (an unknown
+    ``model_type`` is already one line with the closest known ones, from
+    :func:`mechscope.core.models.unknown_model_type`; other messages are cut)."""
+    text = " ".join(str(e).split())
+    if "Unrecognized model identifier" in text:
+        return UsageError("cannot build a model from --hf-config: transformers does not know the config's "
+                          "model_type; check the spelling (e.g. gpt2, llama, qwen2, gemma3_text), or upgrade "
+                          "transformers")
     return UsageError(f"cannot build a model from --hf-config: {text[:500]}{'...' if len(text) > 500 else ''}")
 
 

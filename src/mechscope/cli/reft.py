@@ -4,7 +4,10 @@ finetuning) on the same data.
 
 Data: the built-in ``instructions`` task (make the instruction model reverse without being
 told) or a JSON-lines file of ``{"prompt": [ids], "answer": [ids], "split": "train" | "test"
-| "unrelated"}`` rows (answers scored by exact greedy match; KL on the ``unrelated`` rows).
+| "unrelated"}`` rows (answers scored by exact greedy match; KL on the ``unrelated`` rows);
+with a model that has a tokenizer, the prompt and answer may be text (``{"prompt": "The
+capital of France is", "answer": " Paris"}``): the prompt becomes [BOS] + tokens, the answer
+its tokens + EOS.
 Interventions sit on the residual stream entering each chosen block (``resid_pre.L``) at
 the first and last prompt tokens (``--positions f2+l2``).
 """
@@ -53,27 +56,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def task_from(cfg: ReftConfig, model: Any = None) -> Any:
+def task_from(cfg: ReftConfig, model: Any = None, tokenizer: Any = None) -> Any:
     """The :class:`~mechscope.steer.baselines.SupervisedTask` the options name (a file's token
-    ids checked against ``model``'s vocabulary)."""
+    ids checked against ``model``'s vocabulary; text rows tokenised with ``tokenizer``)."""
     from mechscope.tasks import instructions as ins
 
     if cfg.data == "instructions":
         return ins.comparison_task(cfg.n_train, cfg.n_test, cfg.n_test, seed=cfg.seed)
     from mechscope.core.jsonl import one_of, read_jsonl, token_ids, vocab_size
+    from mechscope.core.text_pairs import pair_kind, text_pairs
     from mechscope.steer.baselines import SupervisedTask
 
-    ids = token_ids(vocab_size(model) if model is not None else None)
-    rows = read_jsonl(cfg.data, {"prompt": ids, "answer": ids}, {"split": one_of("train", "test", "unrelated")},
-                      example='{"prompt": [5, 6], "answer": [7], "split": "train"}')
     split: dict[str, list[Any]] = {"train": [], "test": [], "unrelated": []}
-    for r in rows:
-        split[r.get("split", "train")].append(ins.Example(tuple(r["prompt"]), tuple(r["answer"])))
+    pad = 0
+    if pair_kind(cfg.data) == "text":
+        if tokenizer is None:
+            raise UsageError(f"--data {cfg.data} holds text prompts; give a --model with a tokenizer (a pretrained "
+                             "model), or token ids ({\"prompt\": [5, 6], \"answer\": [7]})")
+        for name, pairs in text_pairs(cfg.data, tokenizer).items():
+            split[name] = [ins.Example(tuple(p), tuple(a)) for p, a in pairs]
+        pad = next((int(p) for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    else:
+        ids = token_ids(vocab_size(model) if model is not None else None)
+        rows = read_jsonl(cfg.data, {"prompt": ids, "answer": ids}, {"split": one_of("train", "test", "unrelated")},
+                          example='{"prompt": [5, 6], "answer": [7], "split": "train"}')
+        for r in rows:
+            split[r.get("split", "train")].append(ins.Example(tuple(r["prompt"]), tuple(r["answer"])))
     if not split["train"] or not split["test"]:
         raise UsageError(f"{cfg.data}: need rows with split 'train' and 'test' (got {len(split['train'])} and "
                          f"{len(split['test'])})")
     return SupervisedTask(split["train"], split["test"], [], [], split["unrelated"],
-                          batch=partial(ins.train_batch, pad_id=0), accuracy=partial(ins.exact_match, pad_id=0))
+                          batch=partial(ins.train_batch, pad_id=pad), accuracy=partial(ins.exact_match, pad_id=pad))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,11 +96,12 @@ def run(args: argparse.Namespace) -> int:
     from mechscope.steer.finetune import TrainRecipe, frozen
     from mechscope.steer.reft import ReftError, save_reft
 
-    model = frozen(load(cfg, "instructions")[0])
+    model, tokenizer = load(cfg, "instructions")
+    model = frozen(model)
     s = structure(model)
     layers = list(cfg.layers) or list(range(s.n_layers))
     sites = [resolve_site(model, f"resid_pre.{l}") for l in layers]
-    task = task_from(cfg, model)
+    task = task_from(cfg, model, tokenizer)
     recipe = TrainRecipe(steps=cfg.steps, lr=cfg.lr)
     try:
         if cfg.compare:

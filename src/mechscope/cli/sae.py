@@ -6,7 +6,10 @@ Data comes from exactly one source:
   a transcoder also names ``--target-site``;
 - ``--world induction|grokking`` a built-in trained model and its data (the residual
   stream after layer 0 of the induction model, the MLP neurons of the grokking model);
-- ``--synthetic`` sparse combinations of known directions (the spec's reference world).
+- ``--synthetic`` sparse combinations of known directions (the spec's reference world);
+- ``--model M --corpus C --site S`` a pretrained model run live over a text corpus (no store;
+  ``eval`` then scores held-out windows: by default those after the text the dictionary was
+  trained on, when it is the same corpus). BOS / position 0 is left out unless --keep-bos.
 
 ``train`` writes the dictionary (mechscope format, and optionally an SAELens directory);
 under ``torchrun --nproc-per-node N -m mechscope sae train ...`` every process trains on
@@ -31,9 +34,21 @@ Train, evaluate and browse sparse dictionaries. Data comes from exactly one sour
   --store DIR --site KEY     an activation store (a transcoder also names --target-site)
   --world induction|grokking a built-in trained model and its data
   --synthetic                sparse combinations of known directions (ground truth)
+  --model M --corpus C --site S  a pretrained model run live over text (BOS left out unless
+                             --keep-bos); eval scores held-out windows, by default those
+                             after the text the dictionary was trained on
 Under `torchrun --nproc-per-node N -m mechscope sae train ...` every process trains on its
 share of the batches and process 0 writes the files."""
+from mechscope.cli.model_source import ModelSource
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
+
+
+@config
+class LiveModel(ModelSource):
+    """A pretrained model with its tokenizer, run live over --corpus."""
+
+    FIELD_HELP = {"model": "a pretrained model with its tokenizer (a Hugging Face directory, a .gguf file, "
+                           "gemma-3-270m): with --corpus, the dictionary reads its activations at --site live"}
 
 
 @config
@@ -41,18 +56,31 @@ class DataConfig(Config):
     """Where the activations come from (exactly one source)."""
 
     store: Optional[Path] = param(None, metavar="DIR", help="an activation store directory")
-    site: Optional[str] = param(None, metavar="KEY", help="the store's site to read (key, label or module path)")
+    site: Optional[str] = param(None, metavar="KEY", help="the site to read: a store's key, label or module path; with "
+                                                         "--model, an alias (resid_post.6) or a module path")
     target_site: Optional[str] = param(None, metavar="KEY", help="a transcoder's target site in the store")
     world: Optional[Literal["induction", "grokking"]] = param(None, help="a built-in trained model and its data")
     synthetic: bool = param(False, help="synthetic activations with known features (d 256, 512 features, L0 5)")
+    corpus: Optional[Path] = param(None, metavar="PATH", help="text for --model: a text file, .jsonl (see --field), "
+                                                             ".parquet/.arrow or a saved dataset")
+    field: str = param("text", help="the text field of a .jsonl corpus or a dataset")
+    split: Optional[str] = param(None, help="the split of a dataset saved with splits")
+    seq_len: int = param(128, ge=2, help="tokens per window of --corpus, BOS included")
+    batch_windows: int = param(8, ge=1, help="windows of --corpus per forward")
+    shuffle_buffer: int = param(0, ge=0, metavar="K", help="shuffle --corpus windows through a buffer of K "
+                                                          "(training only; 0: corpus order)")
+    keep_bos: bool = param(False, help="keep the BOS / position-0 rows of --corpus (the attention sink)")
+    buffer_rows: int = param(65536, ge=1, help="rows of --corpus activations mixed in a buffer before they are "
+                                               "served (training)")
     data_seed: int = param(1, help="seed of the data order")
 
     def validate(self) -> None:
-        n = sum([self.store is not None, self.world is not None, self.synthetic])
+        n = sum([self.store is not None, self.world is not None, self.synthetic, self.corpus is not None])
         if n != 1:
-            raise ConfigError("give exactly one data source: --store DIR (with --site), --world NAME or --synthetic")
-        if self.store is not None and self.site is None:
-            raise ConfigError("--store needs --site: which of the store's sites to read")
+            raise ConfigError("give exactly one data source: --store DIR (with --site), --world NAME, --synthetic "
+                              "or --model M --corpus C (with --site)")
+        if (self.store is not None or self.corpus is not None) and self.site is None:
+            raise ConfigError(f"--{'store' if self.store is not None else 'corpus'} needs --site: which site to read")
 
 
 @config
@@ -60,12 +88,20 @@ class OutputConfig(Config):
     out: Path = param(metavar="FILE", help="where to write the trained dictionary (.safetensors)")
     saelens: Optional[Path] = param(None, metavar="DIR", help="also write it as an SAELens directory")
     threads: int = param(1, ge=1, help="torch threads")
+    log_to: Literal["none", "jsonl", "tensorboard", "wandb"] = param(
+        "none", help="experiment logging of every history entry: jsonl (a file, no dependency), tensorboard or "
+                     "wandb (their packages must be installed)")
+    log_dir: Optional[Path] = param(None, metavar="DIR", help="where --log-to writes (default: OUT's name + '-logs' "
+                                                              "beside it)")
 
 
 @config
 class EvalConfig(Config):
     sae: Path = param(metavar="PATH", help="a dictionary file, or an SAELens directory")
     batches: int = param(10, ge=1, help="batches of activations to evaluate on")
+    windows: int = param(64, ge=1, help="held-out windows of --corpus to evaluate on")
+    skip_windows: Optional[int] = param(None, ge=0, help="windows of --corpus to skip first (default: every window "
+                                                         "the dictionary was trained on, for the same corpus; else 0)")
     batch_size: int = param(4096, ge=1, help="rows per batch")
     json: bool = param(False, help="print JSON instead of a table")
     threads: int = param(1, ge=1, help="torch threads")
@@ -91,12 +127,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a dictionary")
     add_config_arguments(train.add_argument_group("data"), DataConfig)
+    add_config_arguments(train.add_argument_group("live model (with --corpus)"), LiveModel)
     add_config_arguments(train.add_argument_group("dictionary (d_in comes from the data)"), SAEConfig,
                          exclude=("d_in", "d_out"))
     add_config_arguments(train.add_argument_group("training"), TrainConfig)
     add_config_arguments(train.add_argument_group("output"), OutputConfig)
     ev = sub.add_parser("eval", help="metrics of a dictionary on activations")
     add_config_arguments(ev.add_argument_group("data"), DataConfig)
+    add_config_arguments(ev.add_argument_group("live model (with --corpus)"), LiveModel)
     add_config_arguments(ev, EvalConfig)
     pages = sub.add_parser("pages", help="HTML feature pages of a dictionary on a built-in model")
     add_config_arguments(pages, PagesConfig)
@@ -159,6 +197,7 @@ def _train(args: argparse.Namespace, torch: Any) -> int:
 def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: OutputConfig, cfg: Any) -> int:
     from mechscope.sae.arch import SAEConfig
     from mechscope.core.distributed import finish, init_distributed, shard
+    from mechscope.core.tracking import open_tracker
     from mechscope.sae.io import save_sae
     from mechscope.sae.saelens import save_saelens
     from mechscope.sae.train import train
@@ -166,12 +205,24 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
     torch.set_num_threads(out.threads)
     comm = init_distributed()
     fields = {f: getattr(args, f) for f in SAEConfig.field_names() if hasattr(args, f) and f not in ("d_in", "d_out")}
-    stream, d_in, d_out, _ = _stream(data, cfg.batch_size, fields.get("kind", "sae"))
+    if data.corpus is not None:
+        if fields.get("kind", "sae") != "sae":
+            raise UsageError("--model/--corpus trains an autoencoder on one site; train a transcoder from a store "
+                             "holding both sites (mechscope store --sites IN,OUT)")
+        stream, d_in, live = _live(args, data, cfg.batch_size, comm)
+        d_out, batches = None, stream  # each rank runs the model on its own windows
+    else:
+        stream, d_in, d_out, _ = _stream(data, cfg.batch_size, fields.get("kind", "sae"))
+        batches, live = shard(stream, comm), None
     sae_cfg = SAEConfig.from_dict({**fields, "d_in": d_in, "d_out": d_out})
-    result = train(sae_cfg, cfg, shard(stream, comm), comm=comm)
+    log_dir = out.log_dir or out.out.with_name(out.out.stem + "-logs")
+    with open_tracker(out.log_to, log_dir, config={"sae": sae_cfg.to_dict(), "train": cfg.to_dict(),
+                                                   "data": data.to_dict()}, name=out.out.stem,
+                      enabled=comm.is_main) as tracker:
+        result = train(sae_cfg, cfg, batches, comm=comm, on_log=lambda entry, t: tracker.log(entry, t.step_count))
     if comm.is_main:
         extra = {"data": data.to_dict(), "train": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.to_dict().items()},
-                 "history": result.history}
+                 "history": result.history, **_provenance(data, live)}
         save_sae(out.out, result.sae, extra=json.loads(json.dumps(extra, default=str)))
         print(f"wrote {out.out}", file=sys.stderr)
         if out.saelens is not None:
@@ -181,6 +232,68 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
         print(f"final: FVU {last['fvu']:.4f}  L0 {last['l0']:.2f}  dead {100 * last['dead']:.1f}%")
     finish(comm)
     return 0
+
+
+def _live_model(args: argparse.Namespace, data: DataConfig) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, site, text source)`` for ``--model M --corpus C --site S``."""
+    from mechscope.cli.model_source import load, resolve_site
+    from mechscope.sae.text_data import TextSource
+
+    source = config_from_args(LiveModel, args)
+    if source.model is None:
+        raise UsageError("--corpus needs --model: a pretrained model with its tokenizer (a Hugging Face "
+                         "directory, a .gguf file or gemma-3-270m)")
+    model, tokenizer = load(source)
+    if tokenizer is None:
+        raise UsageError(f"--model {source.model} has no tokenizer, so it cannot read --corpus; give a pretrained "
+                         "model, or write a store of its activations with your own inputs")
+    text = TextSource(data.corpus, data.seq_len, data.field, data.split, data.shuffle_buffer, data.data_seed,
+                      data.keep_bos)
+    return model, tokenizer, resolve_site(model, data.site), (text, source)
+
+
+def _live(args: argparse.Namespace, data: DataConfig, batch_size: int, comm: Any) -> tuple[Any, int, Any]:
+    """Training rows of a live model over the corpus, their width, and the stream (for its record)."""
+    import itertools
+
+    from mechscope.sae.text_data import TextActivations
+
+    model, tokenizer, site, (text, source) = _live_model(args, data)
+    live = TextActivations(model, tokenizer, site, text, batch_size=batch_size, batch_windows=data.batch_windows,
+                           buffer_rows=data.buffer_rows, seed=data.data_seed, rank=comm.rank,
+                           world_size=comm.world_size)
+    rows = iter(live)
+    first = next(rows, None)
+    if first is None:
+        raise UsageError(f"--corpus {data.corpus} gave fewer rows than one batch of {batch_size}; give more text "
+                         "or a smaller --batch-size")
+    return itertools.chain([first], rows), int(first.shape[-1]), (live, source.model)
+
+
+def _provenance(data: DataConfig, live: Any) -> dict[str, Any]:
+    """What a checkpoint records of a real model and its text: the model record (weights SHA-256,
+    library versions, dtype) and the corpus read, from the live run or the store's manifest."""
+    from mechscope.core.load import model_record
+
+    if live is not None:
+        stream, spec = live
+        return {"model": model_record(_spec(spec), stream.model), "text": stream.record()}
+    if data.store is None:
+        return {}
+    from mechscope.core.store import open_store
+
+    meta = open_store(data.store).meta or {}
+    text = None
+    if meta.get("source") == "text":
+        text = {"corpus": meta["corpus"], "seq_len": meta["seq_len"], "shuffle_buffer": meta["shuffle_buffer"],
+                "seed": meta["seed"], "keep_bos": meta["keep_bos"], "windows_read": meta["windows"],
+                "corpus_windows_touched": meta["windows"] + meta["shuffle_buffer"]}
+    return {k: v for k, v in (("model", meta.get("model")), ("text", text)) if v is not None}
+
+
+def _spec(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def _load(path: Path) -> Any:
@@ -198,22 +311,37 @@ def _eval(args: argparse.Namespace, torch: Any) -> int:
     data, cfg = config_from_args(DataConfig, args), config_from_args(EvalConfig, args)
     torch.set_num_threads(cfg.threads)
     sae = _load(cfg.sae)
-    stream, d_in, _, extra = _stream(data, cfg.batch_size, sae.cfg.kind)
-    if d_in != sae.d_in:
-        raise UsageError(f"the dictionary reads width {sae.d_in}, the data has width {d_in}; pick the matching site")
-    result = {k: v for k, v in evaluate(sae, stream, max_batches=cfg.batches).items() if k != "density"}
-    if data.synthetic:
-        result.update(mmcs=mmcs(extra.features, sae.W_dec), mcc=matched_correlation(extra.features, sae.W_dec))
-    if data.world is not None:
-        from mechscope.tasks.sae_worlds import score
+    if data.corpus is not None:
+        result = _eval_text(args, data, cfg, sae)
+    else:
+        stream, d_in, _, extra = _stream(data, cfg.batch_size, sae.cfg.kind)
+        if d_in != sae.d_in:
+            raise UsageError(f"the dictionary reads width {sae.d_in}, the data has width {d_in}; pick the matching site")
+        result = {k: v for k, v in evaluate(sae, stream, max_batches=cfg.batches).items() if k != "density"}
+        if data.synthetic:
+            result.update(mmcs=mmcs(extra.features, sae.W_dec), mcc=matched_correlation(extra.features, sae.W_dec))
+        if data.world is not None:
+            from mechscope.tasks.sae_worlds import score
 
-        result.update({k: v for k, v in score(extra, sae).items() if k.startswith(("ce_", "kl_", "delta"))})
+            result.update({k: v for k, v in score(extra, sae).items() if k.startswith(("ce_", "kl_", "delta"))})
     if cfg.json:
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
             print(f"{k:22s} {v:.6g}" if isinstance(v, float) else f"{k:22s} {v}")
     return 0
+
+
+def _eval_text(args: argparse.Namespace, data: DataConfig, cfg: EvalConfig, sae: Any) -> dict[str, Any]:
+    """FVU, L0, dead fraction and CE loss recovered on held-out windows of --corpus."""
+    from mechscope.sae.io import read_sae_metadata
+    from mechscope.sae.text_data import evaluate_on_text, held_out_skip
+
+    model, tokenizer, site, (text, _) = _live_model(args, data)
+    trained = read_sae_metadata(cfg.sae).get("text") if cfg.sae.is_file() else None
+    skip = held_out_skip(trained, text, cfg.skip_windows)
+    return evaluate_on_text(sae, model, tokenizer, site, text, windows=cfg.windows, skip_windows=skip,
+                            batch_windows=data.batch_windows)
 
 
 def _pages(args: argparse.Namespace, torch: Any) -> int:

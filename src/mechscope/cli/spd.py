@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from mechscope.cli import UsageError
 from mechscope.core.config import Config, ConfigError, add_config_arguments, cli_fields, config, config_from_args, param
@@ -41,6 +41,9 @@ class SPDCommandConfig(Config):
     seq_len: int = param(16, ge=2, help="hf-config: tokens per random sequence")
     threads: int = param(1, ge=1, help="torch threads")
     json: bool = param(False, help="eval: print JSON")
+    log_to: Literal["none", "jsonl", "tensorboard", "wandb"] = param(
+        "none", help="train: experiment logging of every history record to OUT/logs (jsonl: a file, no dependency; "
+                     "tensorboard, wandb: their packages)")
 
     def validate(self) -> None:
         if (self.target is None) == (self.hf_config is None):
@@ -98,8 +101,12 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
             raise UsageError("--hf-config needs --sites (module paths, see `mechscope sites --hf-config ...`)")
         cfg = SPDConfig.from_dict({"recon": "kl", "batch_size": 8, **changes})
         model, data = _hf(cmd, cfg.seed)
-    run = train_spd(model, data, cfg, out_dir=cmd.out)
     from mechscope.core.distributed import is_main
+    from mechscope.core.tracking import open_tracker
+
+    with open_tracker(cmd.log_to, cmd.out / "logs", config=cfg.to_dict(), name=cmd.target,
+                      enabled=is_main()) as tracker:
+        run = train_spd(model, data, cfg, out_dir=cmd.out, on_record=lambda row: tracker.log(row, row["step"]))
 
     if not is_main():  # under torchrun, rank 0 reports and ships
         return 0

@@ -14,11 +14,15 @@ possibly after a crash. Two rules make that safe:
   so a truncated or damaged file is reported as such, naming the file and the fix.
 
 On-disk format of a tensor file: a standard safetensors file whose ``__metadata__``
-holds one key, ``"mechscope"``, a JSON string::
+holds two keys: ``"mechscope"``, a JSON string::
 
-    {"format": "mechscope.tensors", "version": 1,
+    {"format": "mechscope.tensors", "version": 2,
      "tensors": {name: {"sha256": hex, "dtype": "float32", "shape": [..]}},
      "metadata": <the caller's JSON-serialisable metadata>}
+
+and ``"mechscope_sha256"``, the SHA-256 of that string, so that a changed byte in the
+record (a training step, a config value) is caught like one in a tensor. Version 1 files
+(the record without its checksum) are still read.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from mechscope.core.atomic import (  # noqa: F401 - atomic_open, stale_temp_file
     PathLike, atomic_open, atomic_path, atomic_write, stale_temp_files)
 
 FORMAT = "mechscope.tensors"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no checksum of the record itself
 _META_KEY = "mechscope"
+_META_SUM = "mechscope_sha256"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header (bytes)
 
 
@@ -58,12 +64,14 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """The file does not exist (also a ``FileNotFoundError``)."""
 
 
-def checkpoint_error(path: PathLike, problem: str, fix: str, cls: type = CheckpointError) -> CheckpointError:
-    """An error whose message names the file, says what is wrong and how to fix it.
+def checkpoint_error(path: PathLike, problem: str, fix: str | None = None, cls: type = CheckpointError) -> CheckpointError:
+    """An error whose message names the file, says what is wrong and how to fix it (``fix``;
+    None: delete the file and re-run the step that wrote it).
 
     A file shipped with mechscope (``zoo/checkpoints``) is never to be deleted: the
     default advice becomes "rebuild it with ``mechscope train`` or reinstall".
     """
+    fix = _REWRITE if fix is None else fix
     if fix in (_REWRITE, _MISSING) and shipped_file(path):
         fix = _SHIPPED
     err = cls(f"{path}: {problem}. {fix}")
@@ -163,7 +171,8 @@ def save_tensors(path: PathLike, tensors: Mapping[str, Tensor], metadata: Any = 
         "tensors": {n: {"sha256": sums[n], "dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in tensors.items()},
         "metadata": metadata,
     }
-    header_meta = {_META_KEY: json.dumps(record, sort_keys=True, allow_nan=False)}
+    text = json.dumps(record, sort_keys=True, allow_nan=False)
+    header_meta = {_META_KEY: text, _META_SUM: hashlib.sha256(text.encode("utf-8")).hexdigest()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header_meta)
     return sums
@@ -206,10 +215,32 @@ def read_header(path: PathLike, fix: str = _REWRITE) -> tuple[dict[str, dict[str
     info = _check_layout(path, header, size - 8 - n, fix)
     if not isinstance(meta, dict) or _META_KEY not in meta:
         return info, None
+    return info, _check_record(path, meta, info, fix)
+
+
+def _check_record(path: Path, meta: dict, info: dict[str, dict[str, Any]], fix: str) -> dict[str, Any]:
+    """The mechscope record of a header, checked against its own checksum and the tensors it describes."""
+    def bad(problem: str) -> CheckpointError:
+        return checkpoint_error(path, f"corrupted header: the mechscope record {problem}", fix)
+
+    text = meta[_META_KEY]
     try:
-        return info, json.loads(meta[_META_KEY])
+        record = json.loads(text)
     except (TypeError, json.JSONDecodeError) as e:
-        raise bad(f"corrupted header: the mechscope metadata is not valid JSON ({e})") from None
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") not in READABLE_VERSIONS:
+        version = record.get("version") if isinstance(record, dict) else None
+        raise bad(f"is not a {FORMAT} record of version {' or '.join(map(str, READABLE_VERSIONS))} (version {version!r}); "
+                  "a newer mechscope may have written it")
+    if record["version"] >= 2 and meta.get(_META_SUM) != hashlib.sha256(text.encode("utf-8")).hexdigest():
+        raise bad("does not match its SHA-256 (a changed byte in the metadata)")
+    entries = record.get("tensors")
+    ok = isinstance(entries, dict) and sorted(entries) == sorted(info) and all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("dtype"), str)
+        and isinstance(e.get("shape"), list) for e in entries.values())
+    if not ok:
+        raise bad(f"does not describe the file's tensors {sorted(info)[:10]} with sha256, dtype and shape")
+    return record
 
 
 def _check_layout(path: Path, header: dict, data_bytes: int, fix: str) -> dict[str, dict[str, Any]]:
@@ -328,6 +359,9 @@ def load_module_state(
     if not isinstance(meta, dict) or meta.get("kind") != "module":
         raise checkpoint_error(path, "is a tensor file, not a module checkpoint",
                                "Load it with load_tensors, or write it with save_module")
+    if not isinstance(meta.get("config"), dict):
+        raise checkpoint_error(path, f"corrupted metadata: its config is {type(meta.get('config')).__name__}, "
+                               "not an object", _REWRITE)
     problems = state_mismatches(module.state_dict(), tensors)
     if problems:
         raise checkpoint_error(

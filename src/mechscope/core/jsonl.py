@@ -69,9 +69,9 @@ def token_ids(vocab: int | None = None) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, list) or not value:
             return f"must be a non-empty list of token ids, got {json.dumps(value)[:40]}"
-        bad = next((t for t in value if not _is_int(t) or t < 0), None)
-        if bad is not None:
-            return f"must hold integer token ids >= 0, got {json.dumps(bad)[:40]}"
+        bad = [t for t in value if not _is_int(t) or t < 0]  # a list: the bad id may itself be None
+        if bad:
+            return f"must hold integer token ids >= 0, got {json.dumps(bad[0])[:40]}"
         if vocab is not None and max(value) >= vocab:
             return (f"holds token id {max(value)}, outside the model's vocabulary of {vocab} (ids 0..{vocab - 1}); "
                     "tokenize with the model's own tokenizer")
@@ -126,8 +126,10 @@ def read_jsonl(path: str | Path, fields: Mapping[str, Check], optional: Mapping[
     ones are checked where present. Blank lines are skipped; the first problem is a
     :class:`DataError` naming the file and line. ``flag`` names the option in messages."""
     path = Path(path)
+    # split at newlines only (read_text has made \r\n and \r into \n): str.splitlines would also
+    # split at U+2028, \x1c or \x85, which JSON allows unescaped inside a string
     rows = [_row(path, i, line, fields, optional or {}, example)
-            for i, line in enumerate(_text(path, flag).splitlines(), 1) if line.strip()]
+            for i, line in enumerate(_text(path, flag).split("\n"), 1) if line.strip()]
     if not rows:
         raise DataError(f"{path} holds no rows (the file is empty); write one JSON object per line, e.g. {example}")
     return rows

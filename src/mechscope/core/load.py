@@ -17,6 +17,10 @@ False) and in eval mode, for:
   ``allow_download=True``; a name that is not there is a :class:`ModelLoadError` naming
   the option.
 
+Without ``allow_download`` nothing is fetched at all: the load runs under
+:func:`mechscope.core.hub.hub_offline`, and an attention implementation that is not local
+(a Hub kernel repository) is refused first (:func:`mechscope.core.hub.check_attn_implementation`).
+
 Built-in world names (``induction``, ``grokking``, ...) are resolved by the bench/zoo
 registry, which this module does not import: pass ``resolve_builtin=`` (a function
 ``spec -> (model, tokenizer) | None``) and it is asked first.
@@ -42,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mechscope.core.hub import check_attn_implementation, check_config_attention, hub_offline
 from mechscope.core.jsonl import vocab_size
 
 REFERENCE_MODELS = {
@@ -140,17 +145,19 @@ def load_model(
             return found
     options = {"dtype": torch_dtype(dtype), **_device_options(device)}
     if attn is not None:
+        check_attn_implementation(attn, "load_model(attn=...)")
         options["attn_implementation"] = attn
     text = os.fspath(spec)
     path = Path(text).expanduser()
-    if text in REFERENCE_MODELS and not path.exists():
-        model, tok = _load_reference(text, options, tokenizer)
-    elif path.is_dir():
-        model, tok = _load_directory(path, options, tokenizer)
-    elif path.is_file():
-        model, tok = _load_gguf(path, options, tokenizer)
-    else:
-        model, tok = _load_hub(text, path, options, tokenizer, allow_download)
+    with hub_offline(allow_download):  # local_files_only does not reach everything transformers may fetch
+        if text in REFERENCE_MODELS and not path.exists():
+            model, tok = _load_reference(text, options, tokenizer)
+        elif path.is_dir():
+            model, tok = _load_directory(path, options, tokenizer)
+        elif path.is_file():
+            model, tok = _load_gguf(path, options, tokenizer)
+        else:
+            model, tok = _load_hub(text, path, options, tokenizer, allow_download)
     if tok is not None:
         check_vocabulary(model, tok, text)
     return _freeze(model), tok
@@ -194,6 +201,11 @@ def _load_directory(directory: Path, options: dict[str, Any], tokenizer: Any) ->
             f"{directory}/config.json has no weights beside it: expected model.safetensors (or sharded "
             "*.safetensors with model.safetensors.index.json, or pytorch_model.bin); a config alone builds "
             "random weights, which load_model never does (use --hf-config / hf_model_from_config for that)")
+    try:  # a config.json naming a Hub kernel as its attention is refused before transformers reads it
+        check_config_attention(json.loads((directory / "config.json").read_text(encoding="utf-8")),
+                               str(directory / "config.json"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass  # transformers' own reader says what is wrong with the file
     transformers = _transformers()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **options)

@@ -15,6 +15,7 @@ optional: it is imported only by :func:`hf_model_from_config`, never at import t
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +37,7 @@ from mechscope.core.aliases import (
     resolve,
     unembed,
 )
+from mechscope.core.hub import check_config_attention, hub_offline
 from mechscope.core.structure import BlockPaths, ModelStructure, StructureError, structure
 
 
@@ -82,15 +84,30 @@ def hf_model_from_config(source: str | Path | Mapping[str, Any], seed: int = 0) 
     """
     transformers = require_transformers()
     data = hf_config_dict(source)
+    check_config_attention(data, "the Hugging Face config")
     model_type = data.pop("model_type")
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **data)
-    except ValueError as e:
-        raise ValueError(f"transformers {transformers.__version__} does not know model_type {model_type!r}: {e}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    with hub_offline():  # building from a config never needs the Hub
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **data)
+        except ValueError as e:
+            raise ValueError(unknown_model_type(transformers, model_type, e)) from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+def unknown_model_type(transformers: Any, model_type: str, error: Exception) -> str:
+    """One line for a ``model_type`` transformers cannot build, with the closest known ones
+    (transformers' own message lists every model type it knows: 10 KB)."""
+    known = list(getattr(getattr(transformers, "CONFIG_MAPPING", None), "keys", lambda: [])())
+    if model_type in known:  # known type, other problem: transformers' message, first line
+        return f"transformers {transformers.__version__} cannot build model_type {model_type!r}: " \
+               f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+    close = difflib.get_close_matches(model_type, known, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. gpt2, llama, qwen2, gemma3_text"
+    return (f"transformers {transformers.__version__} does not know model_type {model_type!r} ({hint}); "
+            "check the spelling, or upgrade transformers")
 
 
 __all__ = [

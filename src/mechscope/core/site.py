@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -98,6 +99,10 @@ def _canonical_positions(positions: Any) -> Any:
         return positions
     if isinstance(positions, slice):
         return ("slice", positions.start, positions.stop, positions.step)
+    if isinstance(positions, range):  # the positions it enumerates: range(2, 5) is [2, 3, 4]
+        if not positions:
+            raise SiteError(f"positions {positions!r} is empty; give at least one position")
+        return ("list", tuple(positions))
     if isinstance(positions, Tensor):
         if positions.dtype.is_floating_point or positions.dim() != 2:
             raise SiteError(
@@ -106,14 +111,28 @@ def _canonical_positions(positions: Any) -> Any:
             )
         return ("index", tuple(tuple(int(v) for v in row) for row in positions.tolist()))
     if isinstance(positions, tuple) and positions and positions[0] in ("slice", "index", "list"):
-        return positions
+        return _checked_canonical(positions)
     if isinstance(positions, (list, tuple)):
         if not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
             raise SiteError(f"a list of positions must hold ints, got {positions!r}")
         return ("list", tuple(positions))
     if callable(positions):
         return getattr(positions, "__position_name__", positions)
-    raise SiteError(f"cannot use {positions!r} as positions: expected int, slice, list, [batch, n] tensor or function")
+    raise SiteError(f"cannot use {positions!r} as positions: expected int, slice, list, range, [batch, n] tensor or function")
+
+
+def _checked_canonical(positions: tuple) -> tuple:
+    """A canonical form given back (``Site.from_dict``): each part must be what
+    :func:`_canonical_positions` makes, so a damaged file is an error here, not at run time."""
+    kind, parts = positions[0], positions[1:]
+    ints = lambda xs: isinstance(xs, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
+    ok = {"slice": len(parts) == 3 and all(p is None or ints((p,)) for p in parts),
+          "list": len(parts) == 1 and ints(parts[0]),
+          "index": len(parts) == 1 and isinstance(parts[0], tuple) and bool(parts[0])
+          and all(ints(row) and len(row) == len(parts[0][0]) for row in parts[0])}[kind]
+    if not ok:
+        raise SiteError(f"positions {positions!r} are not a valid {kind!r} form; expected what Site.to_dict writes")
+    return positions
 
 
 def _canonical_ints(value: Any, what: str) -> tuple[int, ...] | None:
@@ -125,8 +144,8 @@ def _canonical_ints(value: Any, what: str) -> tuple[int, ...] | None:
         value = value.tolist()
     if isinstance(value, range):
         value = list(value)
-    try:
-        out = tuple(int(v) for v in value)
+    try:  # operator.index: an int (or numpy integer), never a float or a string silently truncated
+        out = tuple(operator.index(v) for v in value)
     except TypeError:
         raise SiteError(f"{what} must be an int or a sequence of ints, got {value!r}") from None
     if not out:
@@ -147,7 +166,7 @@ class Site:
             (int) / keyword argument (str) of the input. ``None`` for an output means
             "the module returns a tensor" (checked at run time); for an input it means
             the first argument.
-        positions: int, slice, list of ints, ``[batch, n]`` index tensor, a registered
+        positions: int, slice, list (or range) of ints, ``[batch, n]`` index tensor, a registered
             name (``"last"``) or a function of :class:`BatchInfo` returning ``[batch, n]``.
         heads: attention heads to keep; needs ``head_dim``.
         head_dim: width of one head, to split the last dimension into heads.
@@ -218,6 +237,9 @@ class Site:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Site":
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+            raise SiteError(f"a site must be an object with a string 'path' (as Site.to_dict writes it), got "
+                            f"{json.dumps(d, default=str)[:80]}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -226,9 +248,9 @@ class Site:
         pos = d.get("positions")
         if isinstance(pos, list) and pos and pos[0] == "slice":
             d["positions"] = ("slice", *pos[1:])
-        elif isinstance(pos, list) and pos and pos[0] == "index":
+        elif isinstance(pos, list) and pos and pos[0] == "index" and all(isinstance(r, list) for r in pos[1:]):
             d["positions"] = ("index", tuple(tuple(r) for r in pos[1:]))
-        elif isinstance(pos, list) and pos and pos[0] == "list":
+        elif isinstance(pos, list) and pos and pos[0] == "list" and len(pos) == 2 and isinstance(pos[1], list):
             d["positions"] = ("list", tuple(pos[1]))
         return cls(**d)
 

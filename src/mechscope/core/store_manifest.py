@@ -12,16 +12,22 @@ entry.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mechscope.core.checkpoint import CheckpointError, MissingCheckpointError, load_json
 from mechscope.core.paths import PathError, confined
+from mechscope.core.site import Site, SiteError
 
 FORMAT = "mechscope.store"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 RECREATE = "Delete the store directory and write it again with write_store"
+_HEX = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("dtype", "sites", "shards", "n_rows", "n_batches", "complete")
 
 
@@ -33,17 +39,30 @@ def _bad(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: corrupted manifest, {problem}. {RECREATE}")
 
 
-def _check_sites(path: Path, sites: Any) -> None:
+def _check_sites(path: Path, sites: Any) -> list[str]:
+    """Check the site entries; returns their keys."""
     if not isinstance(sites, list) or not sites:
         raise _bad(path, f"'sites' must be a non-empty list, got {type(sites).__name__}")
     for i, entry in enumerate(sites):
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("site"), dict):
             raise _bad(path, f"site entry {i} must be an object with a string 'key' and a 'site' object")
-        if entry.get("d") is not None and not _count(entry["d"]):
-            raise _bad(path, f"site entry {i} ({entry['key']}) has width d={entry['d']!r}, not a count")
+        try:
+            Site.from_dict(entry["site"])
+        except SiteError as e:
+            raise _bad(path, f"site entry {i} ({entry['key']}) is not a valid site ({e})") from None
+        d, shape = entry.get("d"), entry.get("row_shape")
+        if d is not None and not _count(d):
+            raise _bad(path, f"site entry {i} ({entry['key']}) has width d={d!r}, not a count")
+        if (shape is None) != (d is None) or (shape is not None and not (
+                isinstance(shape, list) and shape and all(_count(n) for n in shape) and math.prod(shape) == d)):
+            raise _bad(path, f"site entry {i} ({entry['key']}) has row_shape={shape!r}, which does not give width d={d!r}")
+    keys = [e["key"] for e in sites]
+    if len(set(keys)) != len(keys):
+        raise _bad(path, "two site entries have the same key")
+    return keys
 
 
-def _check_shard(path: Path, i: int, shard: Any, start: int) -> int:
+def _check_shard(path: Path, i: int, shard: Any, start: int, keys: list[str]) -> int:
     """Check shard ``i``, which must cover input batches from ``start``; returns where it stops."""
     if not isinstance(shard, dict):
         raise _bad(path, f"shard {i} must be an object, got {type(shard).__name__}")
@@ -53,8 +72,11 @@ def _check_shard(path: Path, i: int, shard: Any, start: int) -> int:
         raise CheckpointError(str(e)) from None
     if not _count(shard.get("rows")):
         raise _bad(path, f"shard {i} ({shard['file']}) has rows={shard.get('rows')!r}, not a count")
-    if not isinstance(shard.get("sha256"), dict):
-        raise _bad(path, f"shard {i} ({shard['file']}) has no 'sha256' object of checksums")
+    sums = shard.get("sha256")
+    if not isinstance(sums, dict) or sorted(sums) != sorted(keys) or \
+            not all(isinstance(v, str) and _HEX.fullmatch(v) for v in sums.values()):
+        raise _bad(path, f"shard {i} ({shard['file']}) needs a 'sha256' object with one SHA-256 (64 hex digits) "
+                         "per site key")
     batches = shard.get("batches")
     if not (isinstance(batches, list) and len(batches) == 2 and all(_count(b) for b in batches)):
         raise _bad(path, f"shard {i} ({shard['file']}) has batches={batches!r}, expected [first, stop)")
@@ -80,12 +102,14 @@ def check_manifest(path: Path, m: Any) -> dict[str, Any]:
     for field in ("n_rows", "n_batches"):
         if not _count(m[field]):
             raise _bad(path, f"{field}={m[field]!r}, not a count")
-    if not isinstance(m["complete"], bool) or not isinstance(m["dtype"], str):
-        raise _bad(path, "'complete' must be true or false and 'dtype' a string")
-    _check_sites(path, m["sites"])
+    if not isinstance(m["complete"], bool):
+        raise _bad(path, f"'complete' must be true or false, got {m['complete']!r}")
+    if not isinstance(m["dtype"], str) or not isinstance(getattr(torch, m["dtype"], None), torch.dtype):
+        raise _bad(path, f"dtype={m['dtype']!r} is not a torch dtype")
+    keys = _check_sites(path, m["sites"])
     stop = 0
     for i, shard in enumerate(m["shards"]):
-        stop = _check_shard(path, i, shard, stop)
+        stop = _check_shard(path, i, shard, stop, keys)
     if stop != m["n_batches"]:
         raise _bad(path, f"the shards cover input batches [0, {stop}) but n_batches says {m['n_batches']} "
                          "(a shard is missing or was edited)")

@@ -81,7 +81,7 @@ def _done_batches(out_dir: Path) -> int:
         return 0  # write_store reads and checks it properly
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
     """Where the model takes its token ids: its input embedding's device (the first device
     of an accelerate device map), else its first parameter's."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -197,7 +197,7 @@ def write_text_store(
 
     ahead = _prefetch(window_batches(windows, batch_size))  # its thread starts at the first batch
     try:
-        store = write_store(model, sites, _to(_input_device(model), ahead), out_dir, shard_rows=shard_rows,
+        store = write_store(model, sites, _to(input_device(model), ahead), out_dir, shard_rows=shard_rows,
                             dtype=dtype, progress=show, meta=meta,
                             row_mask=lambda batch: analysis_mask(batch, bos, keep_bos))
     finally:
@@ -206,4 +206,4 @@ def write_text_store(
     return store, (windows.count if windows.count or not store.complete else None)
 
 
-__all__ = ["POSITIONS", "corpus_spec", "n_windows", "text_store_meta", "tokenizer_spec", "write_text_store"]
+__all__ = ["POSITIONS", "corpus_spec", "input_device", "n_windows", "text_store_meta", "tokenizer_spec", "write_text_store"]

@@ -18,7 +18,7 @@ from the same token).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +55,13 @@ def store_batches(store: Store, sites: Site | str | Sequence[Site | str] | None 
 
 def live_activations(model: nn.Module, inputs: Iterable[Any], sites: Sequence[Site], batch_size: int = 4096,
                      *, buffer_rows: int = 65536, seed: int = 0, drop_padding: bool = True,
-                     ) -> Iterator[dict[Site, Tensor]]:
+                     row_mask: Callable[[Any], Tensor] | None = None) -> Iterator[dict[Site, Tensor]]:
     """Minibatches ``{Site: [batch_size, d]}`` of a live model's activations at ``sites``.
 
     ``inputs`` yields model inputs (token tensors, or ``collate`` dicts whose padding is
-    dropped). Rows collect in a buffer of about ``buffer_rows``; when full it is shuffled,
+    dropped). ``row_mask(inputs)`` (``[batch, pos]`` bool), when given, says which positions
+    give rows instead of the padding mask (e.g. :func:`mechscope.core.text.analysis_mask`,
+    which also leaves out BOS). Rows collect in a buffer of about ``buffer_rows``; when full it is shuffled,
     half is served in minibatches and half kept to mix with the next inputs. When the
     inputs end, the rest is served (a last partial batch is dropped).
     """
@@ -86,7 +88,8 @@ def live_activations(model: nn.Module, inputs: Iterable[Any], sites: Sequence[Si
     for batch_inputs in inputs:
         with torch.no_grad():  # (not around the yields: grad mode is the caller's there)
             acts = cache(model, batch_inputs, sites)  # stops after the deepest site
-        rows = site_rows(acts, batch_inputs, sites, drop_padding)
+        kept = batch_inputs if row_mask is None else {"attention_mask": row_mask(batch_inputs)}
+        rows = site_rows(acts, kept, sites, drop_padding or row_mask is not None)
         counts = {s: r.shape[0] for s, r in rows.items()}
         if len(set(counts.values())) > 1:
             raise SAEError(f"sites give different numbers of rows per input batch {counts}; train sites "

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from mechscope.core.checkpoint import CheckpointError, load_tensors, module_fingerprint, save_tensors
+from mechscope.core.checkpoint import (CheckpointError, checkpoint_error, load_tensors, module_fingerprint,
+                                       save_tensors)
 from mechscope.sae.arch import SAE, SAEConfig
 
 FORMAT = "mechscope.sae"
@@ -39,6 +40,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                               "loads with mechscope.sae.load_saelens")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: SAE file version {meta.get('version')}, this mechscope reads {VERSION}")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("extra", {}), dict):
+        raise checkpoint_error(path, "corrupted metadata: its 'config' and 'extra' must be objects")
     return tensors, meta
 
 
@@ -46,11 +49,17 @@ def load_sae(path: str | Path) -> SAE:
     """Rebuild the SAE saved at ``path`` (fp32, eval mode)."""
     path = Path(path)
     tensors, meta = _read(path)
-    sae = SAE(SAEConfig.from_dict(meta["config"]))
+    cfg = SAEConfig.from_dict(meta["config"])
+    want = {"W_enc": [cfg.d_in, cfg.d_sae], "W_dec": [cfg.d_sae, cfg.d_out or cfg.d_in]}
+    found = {k: list(tensors[k].shape) if k in tensors else None for k in want}
+    if found != want:  # checked before building: a damaged size must not allocate a huge dictionary
+        raise checkpoint_error(path, f"damaged: its tensors do not fit the config it records (config {want}, "
+                               f"file {found})")
+    sae = SAE(cfg)
     expected = sae.state_dict()
     if set(expected) != set(tensors) or any(expected[k].shape != tensors[k].shape for k in expected):
-        raise CheckpointError(f"{path}: its tensors do not fit the config it records "
-                              f"({sorted(tensors)} vs {sorted(expected)}); the file is damaged, re-save it")
+        raise checkpoint_error(path, f"damaged: its tensors do not fit the config it records "
+                               f"({sorted(tensors)} vs {sorted(expected)})")
     sae.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     return sae.eval()
 

@@ -60,11 +60,38 @@ def load_checkpoint(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
                               "point checkpoint_dir at an empty directory or at a previous run's")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: trainer checkpoint version {meta.get('version')}, this mechscope reads {VERSION}")
+    _check_fields(path, meta)
     diffs = config_differences(meta["sae_config"], trainer.sae_cfg.to_dict())
     diffs += config_differences(_train_fields(_as_cfg(trainer, meta["train_config"])), _train_fields(trainer.cfg))
     if diffs:
         raise CheckpointError(f"{path}: the checkpoint was written by a run with different settings ("
                               + "; ".join(diffs) + "); resume with the same settings, or use another checkpoint_dir")
+    try:  # tensors that do not fit the trainer: torch says so with a KeyError or RuntimeError
+        _restore_tensors(trainer, tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its tensors do not fit the trainer ({' '.join(str(e).split())[:200]}); "
+                              "delete the checkpoint directory to start the run over") from None
+    trainer.step_count, trainer.tokens = int(meta["step"]), int(meta["tokens"])
+    trainer.in_scale, trainer.out_scale = meta["in_scale"], meta["out_scale"]
+    trainer.rewarm_from = int(meta["rewarm_from"])
+    trainer.history = list(meta["history"])
+    return meta
+
+
+_FIELDS = {"sae_config": dict, "train_config": dict, "step": int, "tokens": int, "rewarm_from": int, "history": list}
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    """The metadata fields a resume reads, each of its type (a file from another version may differ)."""
+    wrong = [k for k, t in _FIELDS.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    wrong += [k for k in ("in_scale", "out_scale") if k not in meta or meta[k] is not None
+              and (isinstance(meta[k], bool) or not isinstance(meta[k], (int, float)))]
+    if wrong:
+        raise CheckpointError(f"{path}: corrupted trainer checkpoint: field(s) {wrong} missing or of the wrong type; "
+                              "delete the checkpoint directory to start the run over")
+
+
+def _restore_tensors(trainer: "Trainer", tensors: dict[str, torch.Tensor]) -> None:
     sae_state = {k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}
     trainer.sae.load_state_dict(sae_state)
     params = dict(trainer.sae.named_parameters())
@@ -73,11 +100,6 @@ def load_checkpoint(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
             name, slot = key[5:].rsplit(".", 1)
             trainer.opt.state[params[name]][slot] = value.clone()
     trainer.since_fired.copy_(tensors["since_fired"])
-    trainer.step_count, trainer.tokens = int(meta["step"]), int(meta["tokens"])
-    trainer.in_scale, trainer.out_scale = meta["in_scale"], meta["out_scale"]
-    trainer.rewarm_from = int(meta["rewarm_from"])
-    trainer.history = list(meta["history"])
-    return meta
 
 
 def _as_cfg(trainer: "Trainer", data: dict[str, Any]) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from mechscope.core.checkpoint import CheckpointError, atomic_path, save_json_atomic
+from mechscope.core.checkpoint import CheckpointError, atomic_path, load_json, save_json_atomic
 from mechscope.sae.arch import SAE, SAEConfig, SAEError, fold_scale, to_jumprelu
 
 CFG = "cfg.json"
@@ -37,6 +37,7 @@ _TO_LENS = {("relu", "sae"): "standard", ("topk", "sae"): "topk", ("jumprelu", "
             ("relu", "transcoder"): "transcoder", ("relu", "skip_transcoder"): "skip_transcoder",
             ("jumprelu", "transcoder"): "jumprelu_transcoder"}
 _FROM_LENS = {v: k for k, v in _TO_LENS.items()}
+_FETCH_AGAIN = "Download the SAE directory again, or re-save it with save_saelens"
 
 
 def save_saelens(directory: str | Path, sae: SAE, hook_name: str | None = None, model_name: str | None = None,
@@ -76,14 +77,39 @@ def _read_cfg(directory: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CFG}; an SAELens SAE directory holds {CFG} and {WEIGHTS} "
                               "(download it yourself, e.g. with huggingface-cli, then point here)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    cfg = load_json(path, "SAELens cfg.json", _FETCH_AGAIN)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: a JSON {type(cfg).__name__}, not an object; is this an SAELens cfg.json?")
     for field in ("architecture", "d_in", "d_sae"):
         if field not in cfg:
             raise CheckpointError(f"{path}: missing field {field!r}; is this an SAELens cfg.json?")
+    for field in ("d_in", "d_sae", "k", "d_out"):
+        value = cfg.get(field)
+        if (field in ("d_in", "d_sae") or value is not None) and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CheckpointError(f"{path}: {field}={json.dumps(value)[:40]}, expected a positive integer. "
+                                  f"{_FETCH_AGAIN}")
+    if not isinstance(cfg["architecture"], str):
+        raise CheckpointError(f"{path}: architecture={json.dumps(cfg['architecture'])[:40]}, expected a string "
+                              f"such as {sorted(_FROM_LENS)[0]!r}. {_FETCH_AGAIN}")
     return cfg
+
+
+def _read_weights(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The weights, ``W_enc`` checked against cfg.json's sizes before any dictionary is built
+    (a damaged size must not allocate a huge one)."""
+    if not (directory / WEIGHTS).exists():
+        raise CheckpointError(f"{directory}: no {WEIGHTS} beside {CFG}")
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as e:  # safetensors' own error type
+        raise CheckpointError(f"{directory / WEIGHTS}: cannot be read as safetensors ({e}). {_FETCH_AGAIN}") from None
+    w_enc = state.get("W_enc")
+    if w_enc is None or list(w_enc.shape) != [cfg["d_in"], cfg["d_sae"]]:
+        found = list(w_enc.shape) if w_enc is not None else "no W_enc"
+        raise CheckpointError(f"{directory / WEIGHTS}: W_enc is {found}, which does not match its cfg.json "
+                              f"(d_in={cfg['d_in']}, d_sae={cfg['d_sae']}). {_FETCH_AGAIN}")
+    return state
 
 
 def load_saelens(directory: str | Path, norm_scaling_factor: float | None = None) -> tuple[SAE, dict[str, Any]]:
@@ -110,17 +136,15 @@ def load_saelens(directory: str | Path, norm_scaling_factor: float | None = None
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise SAEError(f"{directory}: rescale_acts_by_decoder_norm=true selects TopK latents by h·|W_dec|; save the "
                        "SAE for inference in SAELens (norms folded) and load that directory")
-    if not (directory / WEIGHTS).exists():
-        raise CheckpointError(f"{directory}: no {WEIGHTS} beside {CFG}")
-    try:
-        state = load_file(str(directory / WEIGHTS))
-    except Exception as e:  # safetensors' own error type
-        raise CheckpointError(f"{directory / WEIGHTS}: cannot be read as safetensors ({e})") from None
+    state = _read_weights(directory, cfg)
     if "log_threshold" in state and "threshold" not in state:
         state["threshold"] = state.pop("log_threshold").float().exp()
     d_out = cfg.get("d_out") if kind != "sae" else None
-    sae = SAE(SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), arch=ours, kind=kind, d_out=d_out,
-                        k=int(cfg.get("k", 32)) if ours == "topk" else 32))
+    if ours == "topk" and cfg.get("k") is None:
+        raise CheckpointError(f"{directory / CFG}: a topk SAE without k (its active latents per token); "
+                              f"is this an SAELens cfg.json? {_FETCH_AGAIN}")
+    sae = SAE(SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], arch=ours, kind=kind, d_out=d_out,
+                        k=cfg["k"] if ours == "topk" else 32))
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(state))
     wrong = [f"{k}: file {list(state[k].shape)}, expected {list(v.shape)}" for k, v in expected.items()

@@ -79,7 +79,7 @@ class TrainConfig(Config):
     unit_norm_decoder: Optional[bool] = param(None, help="keep decoder rows at unit norm (default per architecture)")
     init_b_dec: Literal["mean", "zero"] = param("mean", help="start b_dec at the first batch's mean, or at 0")
     tied_init: bool = param(True, help="start an autoencoder's encoder at W_dec^T (off: an independent random encoder)")
-    seed: int = param(0, help="seed of the initialisation")
+    seed: int = param(0, ge=0, lt=2**63, help="seed of the initialisation")
     checkpoint_dir: Optional[Path] = param(None, help="write resumable checkpoints here (resumes from one found)")
     checkpoint_every: int = param(0, ge=0, help="steps between checkpoints (0: only at the end)")
     log_every: int = param(50, ge=1, help="steps between progress updates and history entries")

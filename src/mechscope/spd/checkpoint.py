@@ -26,6 +26,9 @@ from mechscope.spd.decomposition import Decomposition, target_fingerprint
 
 DECOMPOSITION = "spd_decomposition"
 TRAINING_STATE = "spd_training_state"
+_COMMON = {"config": dict, "target_fingerprint": str}
+_FIELDS = {DECOMPOSITION: {**_COMMON, "extra": dict},
+           TRAINING_STATE: {**_COMMON, "step": int, "history": list, "param_groups": list, "opt_scalars": dict}}
 
 
 def _check_target(path: Path, meta: dict[str, Any], model: nn.Module) -> None:
@@ -50,6 +53,11 @@ def _read(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
         found = meta.get("kind") if isinstance(meta, dict) else None
         raise checkpoint_error(path, f"is not an SPD {kind.removeprefix('spd_').replace('_', ' ')} (it holds "
                                f"{found or 'plain tensors'})", "Give the file that `mechscope spd train` wrote")
+    fields = _FIELDS[kind]
+    wrong = [k for k, t in fields.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    if wrong:
+        raise checkpoint_error(path, f"corrupted metadata: field(s) {wrong} missing or of the wrong type (expected "
+                               + ", ".join(f"{k}: {t.__name__}" for k, t in fields.items()) + ")")
     return tensors, meta
 
 
@@ -57,9 +65,21 @@ def load_decomposition(path: str | Path, model: nn.Module, example_inputs: Any =
     """Rebuild a decomposition of ``model`` from ``path``; refuses one made for another target."""
     tensors, meta = _read(path, DECOMPOSITION)
     _check_target(Path(path), meta, model)
-    dec = Decomposition(model, SPDConfig.from_dict(meta["config"]), example_inputs)
+    dec = Decomposition(model, _config(Path(path), meta, tensors), example_inputs)
     _load_state(Path(path), dec, tensors)
     return dec
+
+
+def _config(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SPDConfig:
+    """The recorded config; its sizes (C, the importance MLPs' widths) must be no larger than the
+    file's tensors, checked before the decomposition is built: a damaged size must not allocate."""
+    cfg = SPDConfig.from_dict(meta["config"])
+    largest = max((d for t in tensors.values() for d in t.shape), default=0)
+    sizes = [cfg.C, *cfg.C_per_site.values(), *cfg.ci_hidden]
+    if max(sizes) > largest:
+        raise checkpoint_error(path, f"corrupted metadata: its config asks for sizes up to {max(sizes)}, but no "
+                               f"tensor in the file is larger than {largest}")
+    return cfg
 
 
 def read_extra(path: str | Path) -> dict[str, Any]:
@@ -70,9 +90,10 @@ def read_extra(path: str | Path) -> dict[str, Any]:
 def _load_state(path: Path, dec: Decomposition, tensors: dict[str, torch.Tensor]) -> None:
     try:
         dec.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise checkpoint_error(path, f"does not fit the decomposition its config describes ({e})",
-                               "Retrain the decomposition") from None
+    except RuntimeError as e:  # torch lists every mismatch over several lines: one line, shortened
+        text = " ".join(str(e).split())
+        raise checkpoint_error(path, f"does not fit the decomposition its config describes "
+                               f"({text[:300]}{'...' if len(text) > 300 else ''})", "Retrain the decomposition") from None
 
 
 def save_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int,
@@ -100,13 +121,27 @@ def load_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.O
     path = Path(path)
     tensors, meta = _read(path, TRAINING_STATE)
     _check_target(path, meta, dec.model)
-    saved = SPDConfig.from_dict(meta["config"])
+    saved = _config(path, meta, tensors)
     ignore = {"steps", "log_every", "checkpoint_every"}
     diffs = [k for k in SPDConfig.field_names() if k not in ignore and getattr(saved, k) != getattr(dec.cfg, k)]
     if diffs:
         raise checkpoint_error(path, f"was written by a run with a different config ({', '.join(diffs)} differ)",
                                "Resume with the same settings, or start afresh in another directory")
     _load_state(path, dec, {k[4:]: v for k, v in tensors.items() if k.startswith("dec.")})
+    try:  # torch's own checks of an optimiser state raise KeyError, TypeError or ValueError
+        _restore_optimiser(tensors, meta, opt)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise checkpoint_error(path, f"corrupted metadata: the optimiser state cannot be restored "
+                               f"({' '.join(str(e).split())[:200]})",
+                               "Start afresh in another directory") from None
+    for name, gen in generators.items():
+        if f"gen.{name}" not in tensors:
+            raise CheckpointError(f"{path}: no state for random generator {name!r}; start afresh")
+        gen.set_state(tensors[f"gen.{name}"])
+    return int(meta["step"]), list(meta.get("history", []))
+
+
+def _restore_optimiser(tensors: dict[str, torch.Tensor], meta: dict[str, Any], opt: torch.optim.Optimizer) -> None:
     slots: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -115,18 +150,13 @@ def load_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.O
     for idx, values in meta.get("opt_scalars", {}).items():
         slots.setdefault(int(idx), {}).update(values)
     opt.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    for name, gen in generators.items():
-        if f"gen.{name}" not in tensors:
-            raise CheckpointError(f"{path}: no state for random generator {name!r}; start afresh")
-        gen.set_state(tensors[f"gen.{name}"])
-    return int(meta["step"]), list(meta.get("history", []))
 
 
 def decomposition_from_state(path: str | Path, model: nn.Module) -> tuple[Decomposition, int]:
     """The decomposition held by a training state (e.g. of a run still in progress) and its step."""
     tensors, meta = _read(path, TRAINING_STATE)
     _check_target(Path(path), meta, model)
-    dec = Decomposition(model, SPDConfig.from_dict(meta["config"]))
+    dec = Decomposition(model, _config(Path(path), meta, tensors))
     _load_state(Path(path), dec, {k[4:]: v for k, v in tensors.items() if k.startswith("dec.")})
     return dec, int(meta["step"])
 

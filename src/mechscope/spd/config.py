@@ -48,7 +48,7 @@ class SPDConfig(Config):
     lr_warmup: float = param(0.0, help="fraction of steps of linear learning-rate warm-up")
     steps: int = param(10_000, ge=0, help="optimiser steps")
     batch_size: int = param(4096, ge=1, help="examples per step (per process under torchrun)")
-    seed: int = param(0, help="seed of the initialisation, the data and the masks")
+    seed: int = param(0, ge=0, lt=2**63, help="seed of the initialisation, the data and the masks")
     batched_passes: bool = param(True, help="run the stochastic and layerwise forwards as one batched forward "
                                             "that reuses the target's inner activations")
     log_every: int = param(100, ge=1, help="steps between progress lines and history records")

@@ -121,8 +121,10 @@ def progress_text(losses: Mapping[str, float], live: Mapping[str, tuple[int, int
 
 def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | Path | None = None,
               resume: bool = True, progress: bool = True, example_inputs: Any = None,
-              log: Callable[[str], None] | None = None) -> SPDRun:
-    """Decompose ``model``'s layers ``cfg.sites``; see the module docstring."""
+              log: Callable[[str], None] | None = None,
+              on_record: Callable[[dict[str, Any]], None] | None = None) -> SPDRun:
+    """Decompose ``model``'s layers ``cfg.sites``; see the module docstring. ``on_record`` is
+    called with every history record (e.g. an experiment tracker's ``log``)."""
     rank, _ = distributed.world()
     out = Path(out_dir) if out_dir is not None else None
     gens = {"data": distributed.generator(cfg.seed, 1, rank), "mask": distributed.generator(cfg.seed, 2, rank)}
@@ -161,6 +163,8 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = _record(done, result, lr, dec)
                 history.append(row)
+                if on_record is not None and rank == 0:
+                    on_record(row)
                 live = live_counts(dec)
                 bar.update(done, progress_text({k: row[k] for k in ("stochastic", "layerwise", "importance",
                                                                     "faithfulness")}, live))

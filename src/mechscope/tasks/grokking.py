@@ -201,6 +201,14 @@ def loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, float]:
     return loss, float((logits.argmax(-1) == labels).double().mean())
 
 
+def initial_model(cfg: GrokkingConfig) -> ModularAdditionTransformer:
+    """The model :func:`train_grokking` starts from (same seed), untrained; the global random
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return ModularAdditionTransformer(cfg).eval()
+
+
 def train_grokking(cfg: GrokkingConfig, log: Callable[[str], None] | None = None, log_every: int = 500,
                    stop_at_accuracy: float | None = None) -> tuple[ModularAdditionTransformer, dict[str, Any]]:
     """Train by the recipe; returns the model and its history.
@@ -212,7 +220,7 @@ def train_grokking(cfg: GrokkingConfig, log: Callable[[str], None] | None = None
     accuracy reaches it (timing benchmarks); the recipe itself runs all ``steps``.
     """
     torch.manual_seed(cfg.seed)
-    model = ModularAdditionTransformer(cfg)
+    model = ModularAdditionTransformer(cfg)  # the weights of initial_model(cfg)
     tokens, labels = all_pairs(cfg.p)
     tr, te = split(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechscope.core.checkpoint import load_module_state, load_tensors, save_json_atomic, save_module
+from mechscope.core.checkpoint import (
+    load_module_state,
+    load_tensors,
+    save_json_atomic,
+    save_module,
+)
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.zoo.transformer import Transformer, TransformerConfig
 
@@ -83,11 +89,16 @@ def repeated_tokens(n: int, half_len: int, vocab: int, periods: Tensor | None = 
     return torch.cat([torch.full((n, 1), BOS), body], dim=1)
 
 
+def training_periods(half_len: int) -> Tensor:
+    """The periods training draws from, uniformly: ``L // 2 .. L`` (the prior of the 1-layer bound)."""
+    return torch.arange(half_len // 2, half_len + 1)
+
+
 def training_batch(cfg: InductionConfig, generator: torch.Generator | None = None) -> Tensor:
     """Sequences whose period is drawn per sequence from U[L/2, L] (so position alone cannot solve it)."""
-    L = cfg.half_len
-    periods = torch.randint(L // 2, L + 1, (cfg.batch_size,), generator=generator)
-    return repeated_tokens(cfg.batch_size, L, cfg.vocab, periods, generator)
+    periods = training_periods(cfg.half_len)
+    periods = torch.randint(int(periods[0]), int(periods[-1]) + 1, (cfg.batch_size,), generator=generator)
+    return repeated_tokens(cfg.batch_size, cfg.half_len, cfg.vocab, periods, generator)
 
 
 def eval_batch(cfg: InductionConfig, n: int = 256, seed: int = 1234) -> Tensor:
@@ -103,9 +114,14 @@ def token_losses(logits: Tensor, tokens: Tensor) -> Tensor:  # [batch, pos-1]
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
+def repeated_half_losses(logits: Tensor, tokens: Tensor, half_len: int) -> Tensor:  # [batch]
+    """Per-sequence mean loss on the second copy's tokens r_1..r_{L-1} (indices L+2..2L)."""
+    return token_losses(logits, tokens)[:, half_len + 1:].mean(1)
+
+
 def repeated_half_loss(logits: Tensor, tokens: Tensor, half_len: int) -> Tensor:
     """Mean loss on the second copy's tokens r_1..r_{L-1} (indices L+2..2L)."""
-    return token_losses(logits, tokens)[:, half_len + 1:].mean()
+    return repeated_half_losses(logits, tokens, half_len).mean()
 
 
 def first_half_loss(logits: Tensor, tokens: Tensor, half_len: int) -> Tensor:
@@ -123,10 +139,11 @@ def position_only_loss(tokens: Tensor, half_len: int) -> float:
     attention layer can compute from positions alone: an upper bound on the loss of a
     converged one-layer control (2.29 nats on the evaluation batch at L = 20, V = 64: ln 11
     = 2.40 less the chance that two candidates are the same token), which may do better
-    by weighting the candidates.
+    by weighting the candidates: the best weighting is
+    :func:`mechscope.tasks.induction_bound.positional_bound`.
     """
     L, n_pos = half_len, tokens.shape[1]
-    periods = torch.arange(L // 2, L + 1)
+    periods = training_periods(L)
     losses = []
     for q in range(L + 1, n_pos - 1):  # predictions of r_1..r_{L-1} of the second copy
         src = q + 1 - periods

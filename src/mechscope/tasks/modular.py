@@ -6,15 +6,16 @@ and through activations cached at its sites on the full ``p × p`` input grid:
 - key frequencies in four views: the embedding W_E, the neuron-to-logit map
   W_L = W_U W_out, the MLP neurons (each neuron's best frequency, weighted by the
   variance it explains) and the logits (their share along cos/sin(w_k (a + b − c)));
-- restricted loss (logits kept to the key-frequency components of cos/sin(w_k(a + b)),
-  on all pairs) and excluded loss (those components removed, on the training pairs);
+- restricted loss and accuracy (logits kept to the key-frequency components of
+  cos/sin(w_k(a + b)), on all pairs) and excluded loss (those components removed, on the
+  training pairs);
 - Gini coefficients of the Fourier norms of W_E and W_L, and the total squared weights;
-- the same measures over training, from the snapshots a training run keeps.
+- the same measures over training, from the snapshots a training run keeps, with the
+  phases of :mod:`mechscope.tasks.grokking_phases` found in them.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from mechscope.circuits import fourier
 from mechscope.core.checkpoint import save_json_atomic
 from mechscope.core.run import cache
 from mechscope.core.site import Site
-from mechscope.tasks import grokking
+from mechscope.tasks import grokking, grokking_phases
 
 NEURONS = Site("blocks.0.mlp.act", name="neurons")
 VIEWS = ("embed", "neuron_to_logit", "neurons", "logits")
@@ -96,7 +97,9 @@ def progress_measures(model: nn.Module, keys: list[int]) -> dict[str, float]:
     out = {"train_loss": _loss(logits[tr], labels[tr]), "test_loss": _loss(logits[te], labels[te]),
            "test_acc": float((logits[te].argmax(-1) == labels[te]).double().mean())}
     if keys:
-        out["restricted_loss"] = _loss(fourier.restricted_logits(logits, p, keys), labels)
+        restricted = fourier.restricted_logits(logits, p, keys)  # [p*p, p]
+        out["restricted_loss"] = _loss(restricted, labels)
+        out["restricted_acc"] = float((restricted.argmax(-1) == labels).double().mean())
         out["excluded_loss"] = _loss(fourier.excluded_logits(logits, p, keys)[tr], labels[tr])
     out["gini_embed"] = fourier.gini(fourier.fourier_norms(model.embed.weight[:p], p))
     out["gini_neuron_to_logit"] = fourier.gini(fourier.fourier_norms(neuron_to_logit(model), p))
@@ -116,21 +119,8 @@ def progress_over_training(model: nn.Module, history: dict[str, Any], keys: list
                 series.setdefault(name, []).append(value)
     finally:
         model.load_state_dict(final)
-    series["phases"] = phases(series, model.cfg.p)
+    series["phases"] = grokking_phases.detect_series(series, model.cfg.p)["boundaries"]
     return series
-
-
-def phases(series: dict[str, list], p: int) -> dict[str, int | None]:
-    """Phase boundaries (steps): memorisation ends when the train loss first falls below
-    1e-3; circuit formation ends (cleanup begins) when the test loss first falls below
-    ln p, the loss of a uniform guess (it sits far above it while the model memorises);
-    cleanup ends when the test accuracy first reaches 0.999."""
-    def first(cond: list[bool]) -> int | None:
-        return next((s for s, c in zip(series["step"], cond) if c), None)
-
-    return {"memorised": first([v < 1e-3 for v in series["train_loss"]]),
-            "circuit_formed": first([v < math.log(p) for v in series["test_loss"]]),
-            "cleaned_up": first([v >= 0.999 for v in series["test_acc"]])}
 
 
 # ------------------------------------------------------------------------------ shipping

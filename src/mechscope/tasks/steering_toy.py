@@ -136,18 +136,30 @@ def load(path: Path = CHECKPOINT) -> Transformer:
 
 # --------------------------------------------------------------------------- measures
 @torch.no_grad()
+def emits_r(logits: Tensor) -> Tensor:  # [batch, L+2, vocab] -> [batch] bool
+    """Whether R is the top token at the query, per input."""
+    return logits[:, QUERY_POS].float().argmax(-1) == R
+
+
+@torch.no_grad()
 def r_rate(logits: Tensor) -> dict[str, float]:
     """At the query: mean P(R) and the fraction of inputs whose top token is R."""
     q = logits[:, QUERY_POS].float().softmax(-1)  # [batch, vocab]
-    return {"p_r": float(q[:, R].mean()), "argmax_r": float((q.argmax(-1) == R).double().mean())}
+    return {"p_r": float(q[:, R].mean()), "argmax_r": float(emits_r(logits).double().mean())}
+
+
+@torch.no_grad()
+def content_kl_per_input(clean: Tensor, steered: Tensor) -> Tensor:  # -> [batch]
+    """KL(clean || steered) of the next-symbol predictions, averaged over each input's content positions."""
+    p = clean[:, :LENGTH].float().log_softmax(-1)
+    q = steered[:, :LENGTH].float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean(-1)
 
 
 @torch.no_grad()
 def content_kl(clean: Tensor, steered: Tensor) -> float:
     """Mean KL(clean || steered) of the next-symbol predictions at the content positions."""
-    p = clean[:, :LENGTH].float().log_softmax(-1)
-    q = steered[:, :LENGTH].float().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return float(content_kl_per_input(clean, steered).mean())
 
 
 @torch.no_grad()

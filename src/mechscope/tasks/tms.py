@@ -202,6 +202,21 @@ def weighted_mse(out: Tensor, x: Tensor, importance: Tensor) -> Tensor:
     return (importance * (x - out) ** 2).mean(dim=(0, 2))
 
 
+def initial_model(cfg: TMSConfig) -> TMS:
+    """The model :func:`train_tms` starts from (same seed, same draws), untrained; the global
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return TMS(cfg).eval()
+
+
+def initial_weight_draws(cfg: TMSConfig, draws: int, generator: torch.Generator | None = None) -> Tensor:
+    """``draws`` independent samples of ``W`` ``[draws, n_instances, m, n]`` from the distribution
+    :class:`TMS` initialises it with (Xavier normal per instance: std sqrt(2 / (n + m)))."""
+    std = math.sqrt(2.0 / (cfg.n_features + cfg.n_hidden))
+    return std * torch.randn(draws, cfg.n_instances, cfg.n_hidden, cfg.n_features, generator=generator)
+
+
 def train_tms(cfg: TMSConfig, log: Callable[[str], None] | None = None, log_every: int = 0) -> tuple[TMS, dict[str, Any]]:
     """Train all instances of ``cfg`` at once; returns the model and a history.
 
@@ -210,7 +225,7 @@ def train_tms(cfg: TMSConfig, log: Callable[[str], None] | None = None, log_ever
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = TMS(cfg)
+    model = TMS(cfg)  # the weights of initial_model(cfg)
     probs, importance = cfg.probabilities(), cfg.importance()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
