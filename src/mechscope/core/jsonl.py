@@ -94,6 +94,17 @@ def _text(path: Path, flag: str) -> str:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
 
 
+def first_row(path: str | Path) -> dict[str, Any] | None:
+    """The first non-blank line of a JSON-lines file as a dict, or None when it cannot be read
+    that far (a peek to choose a reader; the full read reports what is wrong)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.loads(next((line for line in f if line.strip()), "null"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def json_object(line: str, where: str, example: str) -> dict[str, Any]:
     """One JSON-lines line as a dict, or a DataError at ``where`` (``file:line``) showing ``example``."""
     try:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from mechscope.core.batch import collate
 from mechscope.core.collect import activations
-from mechscope.core.jsonl import Check, DataError, json_object, read_jsonl
+from mechscope.core.jsonl import Check, DataError, first_row, json_object, read_jsonl
 from mechscope.core.jsonl import text as text_field
 
 BOS_POLICY = ("each window is [BOS] + (seq_len - 1) corpus tokens; documents are packed, joined by EOS; "
@@ -306,12 +306,8 @@ _PROMPT_SUFFIXES = (".txt", *_JSONL)
 def row_kind(path: str | os.PathLike) -> str | None:
     """``"text"`` or ``"tokens"``: the field the first row of a JSON-lines file has (``"text"``
     when it has both); None when it has neither or cannot be read (the full read reports why)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            row = json.loads(next((line for line in f if line.strip()), "null"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(row, dict):
+    row = first_row(path)
+    if row is None:
         return None
     return "text" if "text" in row else "tokens" if "tokens" in row else None
 

@@ -14,11 +14,10 @@ after ``"prompt": "The capital of France is"``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from mechscope.core.jsonl import DataError, one_of, read_jsonl, text
+from mechscope.core.jsonl import DataError, first_row, one_of, read_jsonl, text
 
 PAIR_EXAMPLE = '{"prompt": "The capital of France is", "answer": " Paris", "split": "train"}'
 SPLITS = ("train", "test", "unrelated")
@@ -27,14 +26,7 @@ SPLITS = ("train", "test", "unrelated")
 def pair_kind(path: str | Path) -> str | None:
     """``"text"`` when the first row's ``prompt`` is a string, ``"tokens"`` when it is a list,
     None when the file cannot be read that far (the full read says why)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            row = json.loads(next((line for line in f if line.strip()), "null"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(row, dict):
-        return None
-    prompt = row.get("prompt")
+    prompt = (first_row(path) or {}).get("prompt")
     return "text" if isinstance(prompt, str) else "tokens" if isinstance(prompt, list) else None
 
 
