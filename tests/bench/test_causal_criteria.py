@@ -38,6 +38,8 @@ RECORDED_BASELINES = [
     ("price_tagging/boundless_das/iia", "iia", "random_subspace", 0.619),
     ("price_tagging/sae_features/iia", "das_minus_iia", "das_itself", 0.0),
     ("synthetic_features/topk_auxk/mmcs", "mmcs", "untrained_sae", 0.203),
+    # a random subspace put in DAS's place has no gap to the random subspace: 0 by construction
+    (f"{HE}/random_subspace/iia_gap", "iia_gap", "random_subspace", 0.0),
 ]
 # criteria written by issue 18 after the values were known
 AMENDED = [f"{HE}/{m}/iia" for m in ("rotation", "boundless", "pca", "dbm", "sae_search", "sae_dbm")] + \
@@ -157,3 +159,10 @@ def test_price_tagging_cell_is_chosen_on_validation_not_test():
             (1, 2): {"validation": 0.80, "iia": _IIA(0.75)},
             (1, 3): {"validation": 0.80, "iia": _IIA(0.70)}}  # a tie goes to the first cell in order
     assert chosen_cell(grid) == (1, 2)
+
+
+def test_the_auxk_gain_fails_when_both_sides_are_the_same_sae(checks):
+    """The gain's baseline is the no-AuxK SAE compared with itself (0 by construction); the recorded
+    gain is 0.185 (0.9987 with AuxK against 0.8134 without, seed 0, 2026-12-06)."""
+    crit = checks["synthetic_features/topk_no_auxk/mmcs"].criteria["mmcs_gain_from_auxk"]
+    assert crit.kind == "finding" and crit.verdict(0.0) is False and crit.verdict(0.9987 - 0.8134) is True

@@ -133,3 +133,15 @@ def test_set_ablation_of_one_head_is_the_sweep_s_mean_ablation():
         assert float(one.mean()) == pytest.approx(float(sweep.values[layer, head]), abs=1e-5)
     both = ic._ablated_losses(model, tokens, cfg, [(0, 0), (1, 2)])  # two layers at once
     assert float(both.mean()) > float(sweep.values[1, 2])
+
+
+def test_the_hand_set_circuit_checks_fail_on_the_attention_score_ranking():
+    """The recorded baseline (seed 0, 2026-12-06): ranking heads by their previous-token + induction
+    attention scores reaches AUC 0.833, since the decoy heads share the circuit's patterns; a
+    random ranking 0.5. The checks ask for 1.0."""
+    assert load_catalog(["mechscope.bench.induction_checks"]) == []
+    chk = {c.name: c for c in REGISTRY}["hand_set_circuit/circuit_ranking/head_auc_activation_patching"]
+    assert "attention_scores" in chk.baselines
+    for metric in ("head_auc_activation_patching", "head_auc_attribution_patching", "edge_auc_path_patching"):
+        crit = chk.criteria[metric]
+        assert crit.kind == "check" and crit.verdict(0.8333) is False and crit.verdict(0.5) is False
