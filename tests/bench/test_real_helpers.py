@@ -109,3 +109,12 @@ def test_the_committed_real_page_matches_the_registry():
     doc = Path(__file__).resolve().parents[2] / "docs" / "bench-rows-real.md"
     assert doc.read_text(encoding="utf-8") == rows_markdown(REGISTRY, "real"), \
         "docs/bench-rows-real.md is out of date: run `mechscope bench --suite real --list > docs/bench-rows-real.md`"
+
+
+def test_frequent_ids_counts_ranks_and_leaves_out_special_tokens():
+    from mechscope.bench.real_data import frequent_ids
+
+    tokens = [5, 5, 5, 2, 2, 9, 9, 1, 1, 1, 1, 7]
+    assert frequent_ids(tokens, 3, exclude=[1]) == [5, 2, 9]  # 1 is special; 2 and 9 tie: lower id first
+    with pytest.raises(ValueError, match="only 4 distinct tokens"):
+        frequent_ids(tokens, 10, exclude=[1])

@@ -124,7 +124,7 @@ def test_spd_resume_with_another_config_is_one_line(tmp_path, capsys):
     assert main(run + ["--C", "4"]) == 0
     capsys.readouterr()
     assert main(run + ["--C", "5"]) == 2
-    assert "was written by a run with a different config (C differ)" in one_line_error(capsys, "mechscope spd")
+    assert "was trained with --C 4, not 5; use another --out or the same settings" in one_line_error(capsys, "mechscope spd")
 
 
 def test_a_damaged_shipped_checkpoint_names_the_command_that_rebuilds_it(tmp_path, monkeypatch, capsys):

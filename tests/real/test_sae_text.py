@@ -126,3 +126,20 @@ def test_cli_live_bad_input_is_a_usage_error(tmp_path, model_dir, corpus, capsys
     assert main(base + ["--model", str(model_dir), "--corpus", str(corpus), "--field", "body", "--site", SITE,
                         "--kind", "transcoder"]) == 2
     assert "store" in capsys.readouterr().err
+
+
+def test_cli_live_resume_refuses_other_text_or_model(tmp_path, model_dir, corpus, texts, capsys):
+    """The checkpoint's fingerprint holds the corpus files and the model's weights: a resume on
+    other text, another seq-len or another model is refused, naming the option."""
+    ck = tmp_path / "ck"
+    common = ["sae", "train", "--model", str(model_dir), "--field", "body", "--site", SITE, "--batch-windows", "3",
+              "--d-sae", "16", "--k", "2", "--steps", "2", "--batch-size", "32", "--buffer-rows", "64",
+              "--checkpoint-dir", str(ck), "--out", str(tmp_path / "sae.safetensors"), "--no-progress"]
+    assert main(common + ["--corpus", str(corpus), "--seq-len", "16"]) == 0
+    capsys.readouterr()
+    assert main(common + ["--corpus", str(corpus), "--seq-len", "12"]) == 2
+    assert "was trained with --seq-len 16, not 12" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:40]))
+    assert main(common + ["--corpus", str(other), "--seq-len", "16"]) == 2
+    assert "--corpus" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 dead latents are tracked by tokens and revived, transcoders learn known maps,
 checkpoints resume exactly, and bad input is a clear error."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -174,14 +176,16 @@ def test_checkpoints_resume_exactly(tmp_path):
     sae_cfg = SAEConfig(d_in=32, d_sae=128, arch="topk", k=3)
     cfg = TrainConfig(steps=30, batch_size=256, lr=1e-3, dead_tokens=2000, progress=False)
     straight = train(sae_cfg, cfg, WORLD.batches(256, seed=1))
-    first = train(sae_cfg, cfg.replace(steps=15, checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
-    assert first.trainer.step_count == 15 and (tmp_path / "trainer.safetensors").exists()
+    with pytest.raises(SAEError, match="ran out after 15 steps"):  # interrupted at step 15 (its last checkpoint)
+        train(sae_cfg, cfg.replace(checkpoint_dir=tmp_path, checkpoint_every=5),
+              itertools.islice(WORLD.batches(256, seed=1), 15))
+    assert (tmp_path / "trainer.safetensors").exists()
     resumed = train(sae_cfg, cfg.replace(checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
     assert resumed.trainer.step_count == 30
     for k, v in straight.trainer.sae.state_dict().items():
         assert torch.equal(v, resumed.trainer.sae.state_dict()[k]), k
     assert torch.equal(straight.trainer.since_fired, resumed.trainer.since_fired)
-    with pytest.raises(CheckpointError, match="lr: saved 0.001, expected 0.002"):
+    with pytest.raises(CheckpointError, match="was trained with lr 0.001, not 0.002"):
         train(sae_cfg, cfg.replace(lr=2e-3, checkpoint_dir=tmp_path), WORLD.batches(256, seed=1))
 
 

@@ -1,9 +1,9 @@
 """Data and selections of the real-model suite that need no model: pure functions, tested in CI.
 
-- :func:`ascii_word_ids`: the vocabulary subset the induction row draws from. The issue
-  asks for the corpus's 10k most frequent tokens; the project has no corpus package yet,
-  so the subset is the first ``n`` token ids whose piece is a word start made of plain
-  lowercase ASCII letters (``"▁the"``, ``"▁keyboard"``). A SentencePiece BPE vocabulary
+- :func:`frequent_ids`: the vocabulary subset the induction row draws from, as the issue
+  asks: the corpus's ``n`` most frequent tokens (special tokens left out).
+- :func:`ascii_word_ids`: the stand-in where the corpus is not installed: the first ``n``
+  token ids whose piece is a word start made of plain lowercase ASCII letters (``"▁the"``, ``"▁keyboard"``). A SentencePiece BPE vocabulary
   numbers its pieces in merge order, and merges follow frequency in the tokenizer's
   training text, so low ids stand in for frequent tokens; the ASCII filter keeps out
   the multilingual, byte and unused pieces whose embeddings a random draw over 262k ids
@@ -16,12 +16,24 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 WORD_PIECE = re.compile(r"^\u2581[a-z]{2,}$")  # SentencePiece's word-start mark, then >= 2 ASCII letters
+
+
+def frequent_ids(tokens: Iterable[int], n: int = 10_000, exclude: Iterable[int] = ()) -> list[int]:
+    """The ``n`` most frequent ids of ``tokens`` (ties: lower id first), without ``exclude``."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    skip = set(exclude)
+    counts = Counter(t for t in tokens if t not in skip)
+    if len(counts) < n:
+        raise ValueError(f"the corpus holds only {len(counts)} distinct tokens, {n} were asked for")
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 def ascii_word_ids(pieces: Sequence[str], n: int = 10_000) -> list[int]:
@@ -81,4 +93,4 @@ def control_draws(scores: Tensor, k: int, below: float, draws: int, seed: int,
     return eligible, sets
 
 
-__all__ = ["WORD_PIECE", "ascii_word_ids", "control_draws", "half_slices", "repeated_tokens", "top_heads"]
+__all__ = ["WORD_PIECE", "ascii_word_ids", "frequent_ids", "control_draws", "half_slices", "repeated_tokens", "top_heads"]

@@ -21,7 +21,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae", "store")
+SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae", "store", "corpus")
 
 
 class UsageError(Exception):

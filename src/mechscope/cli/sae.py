@@ -43,6 +43,13 @@ from mechscope.cli.model_source import ModelSource
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
 
 
+CONTINUE_HELP = (
+    "train the run in --checkpoint-dir on to another --steps than it was planned for (without it that is "
+    "refused): every schedule (the learning-rate decay, the L1 warm-up) is recomputed for the new "
+    "total and training goes on from the checkpoint's step of it, so a decay that had reached 0 starts again "
+    "from the new schedule's value there; the continuation is recorded in the checkpoint and the output file")
+
+
 @config
 class LiveModel(ModelSource):
     """A pretrained model with its tokenizer, run live over --corpus."""
@@ -62,7 +69,8 @@ class DataConfig(Config):
     world: Optional[Literal["induction", "grokking"]] = param(None, help="a built-in trained model and its data")
     synthetic: bool = param(False, help="synthetic activations with known features (d 256, 512 features, L0 5)")
     corpus: Optional[Path] = param(None, metavar="PATH", help="text for --model: a text file, .jsonl (see --field), "
-                                                             ".parquet/.arrow or a saved dataset")
+                                                             ".parquet/.arrow, a saved dataset, or an installed "
+                                                             "corpus by name (python-docs)")
     field: str = param("text", help="the text field of a .jsonl corpus or a dataset")
     split: Optional[str] = param(None, help="the split of a dataset saved with splits")
     seq_len: int = param(128, ge=2, help="tokens per window of --corpus, BOS included")
@@ -130,7 +138,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_config_arguments(train.add_argument_group("live model (with --corpus)"), LiveModel)
     add_config_arguments(train.add_argument_group("dictionary (d_in comes from the data)"), SAEConfig,
                          exclude=("d_in", "d_out"))
-    add_config_arguments(train.add_argument_group("training"), TrainConfig)
+    training = train.add_argument_group("training")
+    add_config_arguments(training, TrainConfig)
+    training.add_argument("--continue", dest="continue_run", action="store_true", help=CONTINUE_HELP)
     add_config_arguments(train.add_argument_group("output"), OutputConfig)
     ev = sub.add_parser("eval", help="metrics of a dictionary on activations")
     add_config_arguments(ev.add_argument_group("data"), DataConfig)
@@ -190,12 +200,15 @@ def _train(args: argparse.Namespace, torch: Any) -> int:
         output_dir(out.saelens, "--saelens")
     if cfg.checkpoint_dir is not None:
         output_dir(cfg.checkpoint_dir, "--checkpoint-dir")
+    elif getattr(args, "continue_run", False):
+        raise UsageError("--continue extends the run in a --checkpoint-dir; give the --checkpoint-dir it was trained in")
     with lock_file(out.out, "--out"):  # checked (a file, its directory made) and locked before any work
         return _train_locked(args, torch, data, out, cfg)
 
 
 def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: OutputConfig, cfg: Any) -> int:
     from mechscope.sae.arch import SAEConfig
+    from mechscope.core.fingerprint import FingerprintError, cli_label
     from mechscope.core.distributed import finish, init_distributed, shard
     from mechscope.core.tracking import open_tracker
     from mechscope.sae.io import save_sae
@@ -210,19 +223,26 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
             raise UsageError("--model/--corpus trains an autoencoder on one site; train a transcoder from a store "
                              "holding both sites (mechscope store --sites IN,OUT)")
         stream, d_in, live = _live(args, data, cfg.batch_size, comm)
-        d_out, batches = None, stream  # each rank runs the model on its own windows
+        d_out, batches, source = None, stream, None  # each rank runs the model on its own windows
     else:
-        stream, d_in, d_out, _ = _stream(data, cfg.batch_size, fields.get("kind", "sae"))
+        stream, d_in, d_out, source = _stream(data, cfg.batch_size, fields.get("kind", "sae"))
         batches, live = shard(stream, comm), None
     sae_cfg = SAEConfig.from_dict({**fields, "d_in": d_in, "d_out": d_out})
     log_dir = out.log_dir or out.out.with_name(out.out.stem + "-logs")
     with open_tracker(out.log_to, log_dir, config={"sae": sae_cfg.to_dict(), "train": cfg.to_dict(),
                                                    "data": data.to_dict()}, name=out.out.stem,
                       enabled=comm.is_main) as tracker:
-        result = train(sae_cfg, cfg, batches, comm=comm, on_log=lambda entry, t: tracker.log(entry, t.step_count))
+        try:
+            result = train(sae_cfg, cfg, batches, comm=comm, on_log=lambda entry, t: tracker.log(entry, t.step_count),
+                           fingerprint=_fingerprint(data, source, live) if cfg.checkpoint_dir is not None else None,
+                           extend=args.continue_run)
+        except FingerprintError as e:  # the library's message, with the options' names
+            raise UsageError(e.compose("--checkpoint-dir", cli_label)) from None
     if comm.is_main:
         extra = {"data": data.to_dict(), "train": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.to_dict().items()},
                  "history": result.history, **_provenance(data, live)}
+        if result.trainer.continued:
+            extra["continued"] = result.trainer.continued
         save_sae(out.out, result.sae, extra=json.loads(json.dumps(extra, default=str)))
         print(f"wrote {out.out}", file=sys.stderr)
         if out.saelens is not None:
@@ -247,8 +267,10 @@ def _live_model(args: argparse.Namespace, data: DataConfig) -> tuple[Any, Any, A
     if tokenizer is None:
         raise UsageError(f"--model {source.model} has no tokenizer, so it cannot read --corpus; give a pretrained "
                          "model, or write a store of its activations with your own inputs")
-    text = TextSource(data.corpus, data.seq_len, data.field, data.split, data.shuffle_buffer, data.data_seed,
-                      data.keep_bos)
+    from mechscope.core.corpora import resolve_corpus
+
+    text = TextSource(resolve_corpus(data.corpus), data.seq_len, data.field, data.split, data.shuffle_buffer,
+                      data.data_seed, data.keep_bos)
     return model, tokenizer, resolve_site(model, data.site), (text, source)
 
 
@@ -268,6 +290,33 @@ def _live(args: argparse.Namespace, data: DataConfig, batch_size: int, comm: Any
         raise UsageError(f"--corpus {data.corpus} gave fewer rows than one batch of {batch_size}; give more text "
                          "or a smaller --batch-size")
     return itertools.chain([first], rows), int(first.shape[-1]), (live, source.model)
+
+
+def _fingerprint(data: DataConfig, source: Any, live: Any) -> dict[str, Any]:
+    """What a checkpoint records of the data source, checked on resume: every data option (the
+    store's path resolved), the store's identity (a hash of its manifest's meta, sites and shard
+    checksums), the world model's weights, or the corpus read and the live model's weights."""
+    import hashlib
+
+    from mechscope.core.checkpoint import tensor_sha256
+
+    found = data.to_dict()
+    if data.store is not None:
+        m = source.manifest
+        ident = {"meta": m.get("meta"), "sites": m["sites"], "shards": [s.get("sha256") for s in m["shards"]]}
+        found["store"] = str(Path(data.store).resolve())
+        found["store_manifest"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    if data.world is not None:
+        weights = "".join(f"{n} {tensor_sha256(t)}\n" for n, t in sorted(source.model.state_dict().items()))
+        found["world_model"] = hashlib.sha256(weights.encode()).hexdigest()[:16]
+    if live is not None:
+        from mechscope.core.load import model_record
+
+        stream, spec = live
+        found["corpus"] = stream.text.record(0)["corpus"]  # the resolved files and their sizes
+        record = model_record(_spec(spec), stream.model)
+        found["model"] = {k: record.get(k) for k in ("model", "model_sha256", "dtype")}
+    return found
 
 
 def _provenance(data: DataConfig, live: Any) -> dict[str, Any]:

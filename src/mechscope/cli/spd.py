@@ -3,7 +3,9 @@
 - ``train``: decompose a built-in target (``--target tms_5_2``; its published settings,
   each overridable by the SPDConfig options) or a random Hugging Face model
   (``--hf-config``, with ``--sites`` and random token batches); writes a resumable run to
-  ``--out``; ``--ship`` also replaces the zoo's decomposition of a built-in target.
+  ``--out``; ``--ship`` also replaces the zoo's decomposition of a built-in target. A run
+  in ``--out`` resumes only with the same target and settings (else an error naming the
+  first that differs); training it on to other ``--steps`` needs ``--continue``.
 - ``eval``: measures of a decomposition (the shipped one by default) as a table or JSON.
 - ``figures``: the importance matrix, subcomponent norms and subcomponents against the
   target's feature directions, as PNG files in ``--out``.
@@ -25,6 +27,11 @@ from mechscope.core.paths import output_dir
 from mechscope.spd.config import SPDConfig
 
 TARGETS = ("tms_5_2", "tms_40_10", "tms_5_2_id", "resid_mlp")
+CONTINUE_HELP = (
+    "train the run in --out on to another --steps than it was planned for (without it that is refused): the "
+    "learning-rate schedule (warm-up, cosine) and the annealing of p are recomputed for the new total and "
+    "training goes on from the run's step of them, so a cosine that had reached 0 starts again from the new "
+    "schedule's value there; the continuation is recorded in the run's files")
 
 
 @config
@@ -66,6 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             group = sub.add_argument_group("SPD options (default: the target's published settings)")
             add_config_arguments(group, SPDConfig)
             sub.set_defaults(**{f.name: None for f in cli_fields(SPDConfig)})  # None: not given
+            sub.add_argument("--continue", dest="continue_run", action="store_true", help=CONTINUE_HELP)
     return parser
 
 
@@ -104,9 +112,15 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
     from mechscope.core.distributed import is_main
     from mechscope.core.tracking import open_tracker
 
+    from mechscope.core.fingerprint import FingerprintError, cli_label
+
     with open_tracker(cmd.log_to, cmd.out / "logs", config=cfg.to_dict(), name=cmd.target,
                       enabled=is_main()) as tracker:
-        run = train_spd(model, data, cfg, out_dir=cmd.out, on_record=lambda row: tracker.log(row, row["step"]))
+        try:
+            run = train_spd(model, data, cfg, out_dir=cmd.out, on_record=lambda row: tracker.log(row, row["step"]),
+                            fingerprint=_fingerprint(cmd), extend=args.continue_run)
+        except FingerprintError as e:  # the library's message, with the options' names
+            raise UsageError(e.compose("--out", cli_label)) from None
 
     if not is_main():  # under torchrun, rank 0 reports and ships
         return 0
@@ -122,6 +136,21 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
             "steps_run": run.steps_run, "seconds": run.seconds, "steps_per_second": run.steps_per_second})
         print(f"shipped {path}")
     return 0
+
+
+def _fingerprint(cmd: SPDCommandConfig) -> dict[str, Any]:
+    """What a run records of its target, checked on resume: the built-in target's name, or the
+    Hugging Face config (a file's JSON, so that an edited file counts) and the sequence length."""
+    if cmd.target is not None:
+        return {"target": cmd.target}
+    text = cmd.hf_config
+    path = Path(text).expanduser()
+    try:
+        text = path.read_text() if path.is_file() else text
+        hf: Any = json.loads(text)
+    except (OSError, ValueError):
+        hf = text  # the loader has accepted it; compare it as written
+    return {"hf_config": hf, "seq_len": cmd.seq_len}
 
 
 def _load(cmd: SPDCommandConfig) -> tuple[Any, Any]:

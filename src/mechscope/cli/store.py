@@ -43,8 +43,9 @@ class StoreModel(ModelSource):
 class StoreConfig(Config):
     """Options of ``mechscope store`` besides the model."""
 
-    corpus: Path = param(metavar="PATH", help="a text file, a .jsonl file, a .parquet/.arrow file or a saved "
-                                              "Hugging Face dataset directory")
+    corpus: Path = param(metavar="PATH", help="a text file, a .jsonl file, a .parquet/.arrow file, a saved "
+                                              "Hugging Face dataset directory, or an installed corpus by name "
+                                              "(python-docs: see `mechscope corpus`)")
     sites: tuple[str, ...] = param(metavar="SITE[,SITE...]", help="site aliases (resid_post.6, mlp_out.3, ...) or "
                                                                   "module paths, comma-separated")
     tokens: int = param(ge=1, help="tokens of model input to run (rounded up to whole windows)")
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                          "(a Hugging Face directory, a .gguf file or gemma-3-270m); --hf-config has no tokenizer")
     import torch
 
+    from mechscope.core.corpora import resolve_corpus
     from mechscope.core.lock import lock_dir
     from mechscope.core.text_store import POSITIONS, write_text_store
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
         record = model_record(_record_spec(source.model), model)
         store, windows = write_text_store(
-            model, tokenizer, sites, cfg.corpus, cfg.out, tokens=cfg.tokens, seq_len=cfg.seq_len,
+            model, tokenizer, sites, resolve_corpus(cfg.corpus), cfg.out, tokens=cfg.tokens, seq_len=cfg.seq_len,
             batch_size=cfg.batch_size, field=cfg.field, split=cfg.split, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, keep_bos=cfg.keep_bos, shard_rows=cfg.shard_rows, record=record,
             progress=True)

@@ -130,6 +130,13 @@ def lr_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> floa
     return f
 
 
+def _l1(coefficient: float, warmup_fraction: float, step: int, steps: int) -> float:
+    """The L1 coefficient at ``step``: a linear ramp from 0 over ``warmup_fraction`` of ``steps``."""
+    if warmup_fraction <= 0:
+        return coefficient
+    return coefficient * min(1.0, (step + 1) / max(1, int(warmup_fraction * steps)))
+
+
 @torch.no_grad()
 def untie(sae: SAE, seed: int) -> None:
     """Replace the tied encoder by independent random directions of the same (unit) column norm."""
@@ -165,6 +172,8 @@ class Trainer:
         self.out_scale: float | None = None
         self.rewarm_from = -10 ** 9  # step of the last resampling
         self.history: list[dict[str, float]] = []
+        self.fingerprint: dict[str, Any] = resume.fingerprint(self)  # train() adds the data source
+        self.continued: list[dict[str, int]] = []  # extensions of a finished run (resume.py)
 
     # -- the data-dependent start ----------------------------------------------------------
     def _scale(self, v: Tensor) -> float:
@@ -192,14 +201,21 @@ class Trainer:
             mean_in = self.comm.mean_((x * self.in_scale).mean(0))
             sae.b_enc.copy_(-(mean_in @ sae.W_enc))
 
+    def schedule(self, step: int, steps: int) -> dict[str, float]:
+        """The scheduled values at ``step`` of a run of ``steps`` (what ``--continue`` recomputes)."""
+        c = self.cfg
+        out = {"lr": self.recipe.lr * lr_factor(step, steps, c.lr_warmup_steps, self.recipe.decay_fraction)}
+        if self.sae_cfg.arch == "relu":
+            out["l1_coefficient"] = _l1(c.l1_coefficient, c.l1_warmup_fraction, step, steps)
+        return out
+
     # -- one step ------------------------------------------------------------------------
     def settings(self) -> LossSettings:
         r, c = self.recipe, self.cfg
         dead = None
         if r.dead_fix == "auxk":
             dead = torch.nonzero(self.since_fired >= c.dead_tokens).flatten()
-        warm = max(1, int(c.l1_warmup_fraction * c.steps))
-        l1 = c.l1_coefficient * min(1.0, (self.step_count + 1) / warm) if c.l1_warmup_fraction > 0 else c.l1_coefficient
+        l1 = _l1(c.l1_coefficient, c.l1_warmup_fraction, self.step_count, c.steps)
         return LossSettings(dead=dead, k_aux=r.aux_k, aux_alpha=c.aux_alpha, l1_coefficient=l1,
                             l0_coefficient=c.l0_coefficient, l0_penalty=c.l0_penalty, ste_to_input=c.ste_to_input)
 
@@ -311,21 +327,27 @@ def _rows(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, data: Iterable[Any], *, comm: Comm | None = None,
           device: str | torch.device = "cpu",
-          on_log: Callable[[dict[str, float], "Trainer"], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict[str, float], "Trainer"], None] | None = None,
+          fingerprint: dict[str, Any] | None = None, extend: bool = False) -> TrainResult:
     """Train one dictionary for ``cfg.steps`` steps on ``data`` (rows, or (x, y) pairs).
 
     With ``cfg.checkpoint_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a run finds and resumes from it: the
     batches it already consumed are skipped, so ``data`` must yield the same sequence.
+    ``fingerprint`` records the data source (JSON values: site, store, data seed, ...); a
+    resume whose data source or settings differ from the checkpoint's is refused naming the
+    field, and so is another ``cfg.steps`` unless ``extend``, which replans the run for the
+    new total (every schedule recomputed for it; :mod:`mechscope.sae.resume`).
     The directory is locked for the run (:mod:`mechscope.core.lock`): a second job
     training into it fails at once; the ranks of one ``torchrun`` job share the lock.
     ``on_log(entry, trainer)`` is called with every history entry (it may add to it).
     """
     trainer = Trainer(sae_cfg, cfg, comm=comm, device=device)
+    trainer.fingerprint = resume.fingerprint(trainer, fingerprint)
     if cfg.checkpoint_dir is None:
         return _run(trainer, data, None, device, on_log)
     with lock_dir(cfg.checkpoint_dir, "SAE checkpoint directory"):
-        return _run(trainer, data, Path(cfg.checkpoint_dir) / "trainer.safetensors", device, on_log)
+        return _run(trainer, data, Path(cfg.checkpoint_dir) / "trainer.safetensors", device, on_log, extend)
 
 
 def progress_text(m: dict[str, float]) -> str:
@@ -335,11 +357,11 @@ def progress_text(m: dict[str, float]) -> str:
 
 
 def _run(trainer: Trainer, data: Iterable[Any], ckpt: Path | None, device: str | torch.device,
-         on_log: Callable[[dict[str, float], "Trainer"], None] | None) -> TrainResult:
+         on_log: Callable[[dict[str, float], "Trainer"], None] | None, extend: bool = False) -> TrainResult:
     """The loop of :func:`train`: resume from ``ckpt`` if it exists, step, log, checkpoint."""
     cfg = trainer.cfg
     if ckpt is not None and ckpt.exists():
-        resume.load_checkpoint(trainer, ckpt)
+        resume.load_checkpoint(trainer, ckpt, extend=extend)
     bar = Progress(cfg.steps, label="sae", enabled=cfg.progress and trainer.comm.is_main, start=trainer.step_count)
     skip = trainer.step_count
     it = iter(data)

@@ -8,21 +8,27 @@ target is an error that says so (a decomposition only means something for its ta
   functions, with the config and the layer shapes in the metadata.
 - ``save_training_state`` / ``load_training_state``: the same plus the optimiser's
   moments, the random generators' states, the step and the history, so that a killed
-  run resumes where it stopped.
+  run resumes where it stopped. It also holds the run's fingerprint (:func:`fingerprint`:
+  what the target and its data were, and the config), which :func:`check_resume` compares
+  before a resume, and the record of every ``--continue`` (``continued``).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from mechscope.core.checkpoint import CheckpointError, checkpoint_error, load_tensors, save_tensors
+from mechscope.core.checkpoint import CheckpointError, checkpoint_error, load_tensors, read_header, save_tensors
+from mechscope.core.fingerprint import (RunWarning, fingerprint_difference, mismatch, run_error, schedule_rule,
+                                        steps_message)
 from mechscope.spd.components import SPDError
 from mechscope.spd.config import SPDConfig
 from mechscope.spd.decomposition import Decomposition, target_fingerprint
+from mechscope.spd.losses import annealed_p, lr_factor
 
 DECOMPOSITION = "spd_decomposition"
 TRAINING_STATE = "spd_training_state"
@@ -97,7 +103,9 @@ def _load_state(path: Path, dec: Decomposition, tensors: dict[str, torch.Tensor]
 
 
 def save_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.Optimizer, step: int,
-                        generators: dict[str, torch.Generator], history: list[dict[str, Any]]) -> None:
+                        generators: dict[str, torch.Generator], history: list[dict[str, Any]],
+                        fingerprint: dict[str, Any] | None = None,
+                        continued: list[dict[str, int]] | None = None) -> None:
     """Everything needed to resume training after ``step`` completed steps."""
     tensors = {f"dec.{k}": v for k, v in dec.state_dict().items()}
     state = opt.state_dict()
@@ -111,7 +119,8 @@ def save_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.O
     for name, gen in generators.items():
         tensors[f"gen.{name}"] = gen.get_state()
     meta = {"kind": TRAINING_STATE, **dec.describe(), "step": step, "history": history,
-            "param_groups": state["param_groups"], "opt_scalars": scalars}
+            "param_groups": state["param_groups"], "opt_scalars": scalars,
+            "fingerprint": fingerprint or fingerprint_of(dec.cfg), "continued": continued or []}
     save_tensors(path, tensors, meta)
 
 
@@ -141,6 +150,54 @@ def load_training_state(path: str | Path, dec: Decomposition, opt: torch.optim.O
     return int(meta["step"]), list(meta.get("history", []))
 
 
+# config fields that may change between a run and its resumption (steps: only with --continue)
+_FREE = ("steps", "log_every", "checkpoint_every")
+
+
+def fingerprint_of(cfg: SPDConfig, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What determines a run's result: the caller's record of the target and its data first
+    (``--target``, ``--hf-config``), then the config (seed included) but for :data:`_FREE`."""
+    configs = {k: v for k, v in cfg.to_dict().items() if k not in _FREE}
+    return {**{(f"data.{k}" if k in configs else k): v for k, v in (data or {}).items()}, **configs}
+
+
+def schedule(cfg: SPDConfig, step: int, steps: int) -> dict[str, float]:
+    """The learning rate and the importance-minimality exponent p at ``step`` of ``steps``."""
+    return {"lr": cfg.lr * lr_factor(step, steps, cfg.lr_schedule, cfg.lr_warmup),
+            "p": annealed_p(step / max(steps, 1), cfg.p, cfg.p_final, cfg.p_anneal_start, cfg.p_anneal_end)}
+
+
+def check_resume(path: str | Path, cfg: SPDConfig, fingerprint: Mapping[str, Any], extend: bool = False,
+                 option: str = "out_dir") -> list[dict[str, int]]:
+    """Check the training state at ``path`` before a resume: the same fingerprint (else a
+    FingerprintError naming the first differing field), and the same ``steps`` unless
+    ``extend``, which replans the run for ``cfg.steps`` (the learning-rate schedule and the
+    annealing of p recomputed for the new total). Returns the record of continuations."""
+    path = Path(path)
+    meta = (read_header(path)[1] or {}).get("metadata")
+    if not isinstance(meta, dict) or meta.get("kind") != TRAINING_STATE:
+        return []  # not a training state: load_training_state says what is wrong with the file
+    saved, step, planned = meta.get("fingerprint"), meta.get("step"), (meta.get("config") or {}).get("steps")
+    if isinstance(saved, dict):
+        diff = fingerprint_difference(saved, fingerprint)
+        if diff is not None:
+            raise mismatch(path.parent, *diff, option=option)
+    else:  # a state from before fingerprints: load_training_state still compares the configs
+        warnings.warn(f"{path} records no fingerprint of its target (an older mechscope wrote it): resuming "
+                      "without checking --target / --hf-config; the fingerprint is recorded from now on",
+                      RunWarning, stacklevel=3)
+    continued = [c for c in meta.get("continued", []) if isinstance(c, dict)]
+    if not isinstance(step, int) or not isinstance(planned, int) or planned == cfg.steps:
+        return continued
+    rule = schedule_rule(schedule(cfg, step, planned), schedule(cfg, step, cfg.steps), step, cfg.steps)
+    if extend and cfg.steps > step:
+        warnings.warn(f"continuing the run in {path.parent} from step {step} to {cfg.steps}: {rule}", RunWarning,
+                      stacklevel=3)
+        return [*continued, {"step": step, "steps_before": planned, "steps": cfg.steps}]
+    raise run_error(option, path.parent, "steps", planned, cfg.steps,
+                    steps_message(path.parent, step, planned, cfg.steps, extend, rule, "steps"))
+
+
 def _restore_optimiser(tensors: dict[str, torch.Tensor], meta: dict[str, Any], opt: torch.optim.Optimizer) -> None:
     slots: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -161,5 +218,5 @@ def decomposition_from_state(path: str | Path, model: nn.Module) -> tuple[Decomp
     return dec, int(meta["step"])
 
 
-__all__ = ["decomposition_from_state", "SPDError", "save_decomposition", "load_decomposition", "read_extra", "save_training_state",
+__all__ = ["check_resume", "decomposition_from_state", "fingerprint_of", "SPDError", "save_decomposition", "load_decomposition", "read_extra", "save_training_state",
            "load_training_state"]

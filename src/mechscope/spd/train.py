@@ -10,6 +10,12 @@
    and the history in ``out_dir``, which is locked for the run (:mod:`mechscope.core.lock`:
    a second job fails at once; the ranks of one ``torchrun`` job share the lock).
 
+A run found in ``out_dir`` is resumed only with the same fingerprint (the caller's record
+of the target and its data, and the config but for ``steps``, ``log_every`` and
+``checkpoint_every``) and the same ``steps``; ``extend=True`` (``--continue``) trains a
+run on to another ``steps``, with the learning-rate schedule and the annealing of p
+recomputed for the new total (:func:`mechscope.spd.checkpoint.check_resume`).
+
 ``data(batch_size, generator)`` returns one batch of model inputs. Under ``torchrun`` each
 rank draws its own batches and masks and DistributedDataParallel averages gradients.
 """
@@ -29,7 +35,8 @@ from mechscope.core import distributed
 from mechscope.core.checkpoint import save_json_atomic
 from mechscope.core.lock import lock_dir
 from mechscope.core.progress import Progress
-from mechscope.spd.checkpoint import load_training_state, save_decomposition, save_training_state
+from mechscope.spd.checkpoint import (check_resume, fingerprint_of, load_training_state, save_decomposition,
+                                     save_training_state)
 from mechscope.spd.config import SPDConfig
 from mechscope.spd.decomposition import Decomposition
 from mechscope.spd.evals import live_counts
@@ -50,6 +57,7 @@ class SPDRun:
     seconds: float = 0.0
     steps_run: int = 0
     out_dir: Path | None = None
+    continued: list[dict[str, int]] = field(default_factory=list)  # each --continue: step, steps before, after
 
     @property
     def steps_per_second(self) -> float:
@@ -122,9 +130,11 @@ def progress_text(losses: Mapping[str, float], live: Mapping[str, tuple[int, int
 def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | Path | None = None,
               resume: bool = True, progress: bool = True, example_inputs: Any = None,
               log: Callable[[str], None] | None = None,
-              on_record: Callable[[dict[str, Any]], None] | None = None) -> SPDRun:
+              on_record: Callable[[dict[str, Any]], None] | None = None,
+              fingerprint: dict[str, Any] | None = None, extend: bool = False) -> SPDRun:
     """Decompose ``model``'s layers ``cfg.sites``; see the module docstring. ``on_record`` is
-    called with every history record (e.g. an experiment tracker's ``log``)."""
+    called with every history record (e.g. an experiment tracker's ``log``); ``fingerprint``
+    records what the target and its data are (JSON values), checked on resume."""
     rank, _ = distributed.world()
     out = Path(out_dir) if out_dir is not None else None
     gens = {"data": distributed.generator(cfg.seed, 1, rank), "mask": distributed.generator(cfg.seed, 2, rank)}
@@ -136,9 +146,10 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
         dec = Decomposition(model, cfg, example_inputs)
         objective = SPDObjective(dec)
         opt = make_optimizer(dec.parameters(), cfg.lr)
-        start, history = 0, []
+        start, history, continued, record = 0, [], [], fingerprint_of(cfg, fingerprint)
         state_path = out / STATE_FILE if out is not None else None
         if resume and state_path is not None and state_path.exists():
+            continued = check_resume(state_path, cfg, record, extend)
             start, history = load_training_state(state_path, dec, opt, gens)
             if distributed.world()[1] > 1:  # the file holds rank 0's generators: re-seed per rank
                 gens = {"data": distributed.generator(cfg.seed + start, 1, rank),
@@ -173,14 +184,15 @@ def train_spd(model: nn.Module, data: DataFn, cfg: SPDConfig, *, out_dir: str | 
                                                      live)))
             if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 if rank == 0:
-                    save_training_state(state_path, dec, opt, done, gens, history)
+                    save_training_state(state_path, dec, opt, done, gens, history, record, continued)
                 distributed.barrier()
         seconds = time.perf_counter() - t0
         bar.close()
         if out is not None:
             if rank == 0:
-                save_training_state(state_path, dec, opt, cfg.steps, gens, history)
-                save_decomposition(out / DECOMPOSITION_FILE, dec, {"steps_per_second": steps_run / max(seconds, 1e-9)})
+                save_training_state(state_path, dec, opt, cfg.steps, gens, history, record, continued)
+                extra = {"steps_per_second": steps_run / max(seconds, 1e-9)}
+                save_decomposition(out / DECOMPOSITION_FILE, dec, extra | ({"continued": continued} if continued else {}))
                 save_json_atomic(out / "history.json", history)
             distributed.barrier()
-    return SPDRun(dec, history, seconds, steps_run, out)
+    return SPDRun(dec, history, seconds, steps_run, out, continued)

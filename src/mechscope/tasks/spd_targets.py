@@ -172,25 +172,6 @@ def target_record(name: str, path: str | Path | None = None) -> dict[str, Any]:
     return meta["config"]
 
 
-def decompose_target(name: str, out_dir: str | Path, steps: int | None = None, seed: int = 0,
-                     ship: bool = False, progress: bool = True, **changes: Any) -> Any:
-    """Decompose a built-in target at its published settings (``steps`` overrides the count).
-
-    Writes the run (resumable) to ``out_dir``; with ``ship`` also copies the final
-    decomposition to the zoo (``spd_<name>_decomposition.safetensors``).
-    """
-    t = target(name)
-    cfg = t.spd.replace(seed=seed, **({"steps": steps} if steps is not None else {}), **changes)
-    model = load_target(name)
-    run = train_spd(model, data_fn(name), cfg, out_dir=out_dir, progress=progress)
-    if ship:
-        save_decomposition(t.decomposition_checkpoint, run.decomposition,
-                           {"target": name, "steps": cfg.steps, "published_steps": t.spd.steps,
-                            "steps_per_second": run.steps_per_second, "seconds": run.seconds,
-                            "steps_run": run.steps_run})  # < steps when the run was resumed
-    return run
-
-
 def ship_partial(name: str, run_dir: str | Path) -> Path:
     """Ship the decomposition of a run still in progress (its last checkpoint), recording how
     many of the published steps it has had, so that the bench says the setting was reduced."""
