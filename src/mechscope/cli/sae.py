@@ -39,7 +39,7 @@ Train, evaluate and browse sparse dictionaries. Data comes from exactly one sour
                              after the text the dictionary was trained on
 Under `torchrun --nproc-per-node N -m mechscope sae train ...` every process trains on its
 share of the batches and process 0 writes the files."""
-from mechscope.cli.model_source import ModelSource
+from mechscope.cli.sae_data import LiveModel, data_stream, live_model, live_stream, provenance, run_fingerprint
 from mechscope.core.config import Config, ConfigError, add_config_arguments, config, config_from_args, param
 
 
@@ -48,14 +48,6 @@ CONTINUE_HELP = (
     "refused): every schedule (the learning-rate decay, the L1 warm-up) is recomputed for the new "
     "total and training goes on from the checkpoint's step of it, so a decay that had reached 0 starts again "
     "from the new schedule's value there; the continuation is recorded in the checkpoint and the output file")
-
-
-@config
-class LiveModel(ModelSource):
-    """A pretrained model with its tokenizer, run live over --corpus."""
-
-    FIELD_HELP = {"model": "a pretrained model with its tokenizer (a Hugging Face directory, a .gguf file, "
-                           "gemma-3-270m): with --corpus, the dictionary reads its activations at --site live"}
 
 
 @config
@@ -158,37 +150,6 @@ def run(args: argparse.Namespace) -> int:
     return {"train": _train, "eval": _eval, "pages": _pages}[args.sae_command](args, torch)
 
 
-def _stream(data: DataConfig, batch_size: int, kind: str = "sae") -> tuple[Any, int, int | None, Any]:
-    """``(batches, d_in, d_out, source)``: rows, or (x, y) pairs for a transcoder read from a store."""
-    if data.synthetic:
-        from mechscope.tasks.synthetic_features import SyntheticFeatures
-
-        world = SyntheticFeatures()
-        return world.batches(batch_size, seed=data.data_seed), world.cfg.d, None, world
-    if data.world is not None:
-        from mechscope.tasks.sae_worlds import load_world
-
-        world = load_world(data.world)
-        first = next(world.stream(8, 0))
-        return world.stream(batch_size, data.data_seed), int(first.shape[-1]), None, world
-    from mechscope.core.store import open_store
-    from mechscope.sae.data import store_batches
-
-    store = open_store(data.store)
-    if kind == "sae":
-        return store_batches(store, data.site, batch_size, seed=data.data_seed), store.d(data.site), None, store
-    if data.target_site is None:
-        raise UsageError(f"a {kind} reads --site and predicts --target-site; give --target-site")
-    x_site, y_site = _resolve(store, data.site), _resolve(store, data.target_site)
-    pairs = store_batches(store, [x_site, y_site], batch_size, seed=data.data_seed)
-    return ((b[x_site], b[y_site]) for b in pairs), store.d(x_site), store.d(y_site), store
-
-
-def _resolve(store: Any, ref: str) -> Any:
-    key = store.key(ref)
-    return next(s for s in store.sites if store.key(s) == key)
-
-
 def _train(args: argparse.Namespace, torch: Any) -> int:
     from mechscope.core.lock import lock_file
     from mechscope.core.paths import output_dir
@@ -222,10 +183,10 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
         if fields.get("kind", "sae") != "sae":
             raise UsageError("--model/--corpus trains an autoencoder on one site; train a transcoder from a store "
                              "holding both sites (mechscope store --sites IN,OUT)")
-        stream, d_in, live = _live(args, data, cfg.batch_size, comm)
+        stream, d_in, live = live_stream(args, data, cfg.batch_size, comm)
         d_out, batches, source = None, stream, None  # each rank runs the model on its own windows
     else:
-        stream, d_in, d_out, source = _stream(data, cfg.batch_size, fields.get("kind", "sae"))
+        stream, d_in, d_out, source = data_stream(data, cfg.batch_size, fields.get("kind", "sae"))
         batches, live = shard(stream, comm), None
     sae_cfg = SAEConfig.from_dict({**fields, "d_in": d_in, "d_out": d_out})
     log_dir = out.log_dir or out.out.with_name(out.out.stem + "-logs")
@@ -234,13 +195,13 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
                       enabled=comm.is_main) as tracker:
         try:
             result = train(sae_cfg, cfg, batches, comm=comm, on_log=lambda entry, t: tracker.log(entry, t.step_count),
-                           fingerprint=_fingerprint(data, source, live) if cfg.checkpoint_dir is not None else None,
+                           fingerprint=run_fingerprint(data, source, live) if cfg.checkpoint_dir is not None else None,
                            extend=args.continue_run)
         except FingerprintError as e:  # the library's message, with the options' names
             raise UsageError(e.compose("--checkpoint-dir", cli_label)) from None
     if comm.is_main:
         extra = {"data": data.to_dict(), "train": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.to_dict().items()},
-                 "history": result.history, **_provenance(data, live)}
+                 "history": result.history, **provenance(data, live)}
         if result.trainer.continued:
             extra["continued"] = result.trainer.continued
         save_sae(out.out, result.sae, extra=json.loads(json.dumps(extra, default=str)))
@@ -252,97 +213,6 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
         print(f"final: FVU {last['fvu']:.4f}  L0 {last['l0']:.2f}  dead {100 * last['dead']:.1f}%")
     finish(comm)
     return 0
-
-
-def _live_model(args: argparse.Namespace, data: DataConfig) -> tuple[Any, Any, Any, Any]:
-    """``(model, tokenizer, site, text source)`` for ``--model M --corpus C --site S``."""
-    from mechscope.cli.model_source import load, resolve_site
-    from mechscope.sae.text_data import TextSource
-
-    source = config_from_args(LiveModel, args)
-    if source.model is None:
-        raise UsageError("--corpus needs --model: a pretrained model with its tokenizer (a Hugging Face "
-                         "directory, a .gguf file or gemma-3-270m)")
-    model, tokenizer = load(source)
-    if tokenizer is None:
-        raise UsageError(f"--model {source.model} has no tokenizer, so it cannot read --corpus; give a pretrained "
-                         "model, or write a store of its activations with your own inputs")
-    from mechscope.core.corpora import resolve_corpus
-
-    text = TextSource(resolve_corpus(data.corpus), data.seq_len, data.field, data.split, data.shuffle_buffer,
-                      data.data_seed, data.keep_bos)
-    return model, tokenizer, resolve_site(model, data.site), (text, source)
-
-
-def _live(args: argparse.Namespace, data: DataConfig, batch_size: int, comm: Any) -> tuple[Any, int, Any]:
-    """Training rows of a live model over the corpus, their width, and the stream (for its record)."""
-    import itertools
-
-    from mechscope.sae.text_data import TextActivations
-
-    model, tokenizer, site, (text, source) = _live_model(args, data)
-    live = TextActivations(model, tokenizer, site, text, batch_size=batch_size, batch_windows=data.batch_windows,
-                           buffer_rows=data.buffer_rows, seed=data.data_seed, rank=comm.rank,
-                           world_size=comm.world_size)
-    rows = iter(live)
-    first = next(rows, None)
-    if first is None:
-        raise UsageError(f"--corpus {data.corpus} gave fewer rows than one batch of {batch_size}; give more text "
-                         "or a smaller --batch-size")
-    return itertools.chain([first], rows), int(first.shape[-1]), (live, source.model)
-
-
-def _fingerprint(data: DataConfig, source: Any, live: Any) -> dict[str, Any]:
-    """What a checkpoint records of the data source, checked on resume: every data option (the
-    store's path resolved), the store's identity (a hash of its manifest's meta, sites and shard
-    checksums), the world model's weights, or the corpus read and the live model's weights."""
-    import hashlib
-
-    from mechscope.core.checkpoint import tensor_sha256
-
-    found = data.to_dict()
-    if data.store is not None:
-        m = source.manifest
-        ident = {"meta": m.get("meta"), "sites": m["sites"], "shards": [s.get("sha256") for s in m["shards"]]}
-        found["store"] = str(Path(data.store).resolve())
-        found["store_manifest"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    if data.world is not None:
-        weights = "".join(f"{n} {tensor_sha256(t)}\n" for n, t in sorted(source.model.state_dict().items()))
-        found["world_model"] = hashlib.sha256(weights.encode()).hexdigest()[:16]
-    if live is not None:
-        from mechscope.core.load import model_record
-
-        stream, spec = live
-        found["corpus"] = stream.text.record(0)["corpus"]  # the resolved files and their sizes
-        record = model_record(_spec(spec), stream.model)
-        found["model"] = {k: record.get(k) for k in ("model", "model_sha256", "dtype")}
-    return found
-
-
-def _provenance(data: DataConfig, live: Any) -> dict[str, Any]:
-    """What a checkpoint records of a real model and its text: the model record (weights SHA-256,
-    library versions, dtype) and the corpus read, from the live run or the store's manifest."""
-    from mechscope.core.load import model_record
-
-    if live is not None:
-        stream, spec = live
-        return {"model": model_record(_spec(spec), stream.model), "text": stream.record()}
-    if data.store is None:
-        return {}
-    from mechscope.core.store import open_store
-
-    meta = open_store(data.store).meta or {}
-    text = None
-    if meta.get("source") == "text":
-        text = {"corpus": meta["corpus"], "seq_len": meta["seq_len"], "shuffle_buffer": meta["shuffle_buffer"],
-                "seed": meta["seed"], "keep_bos": meta["keep_bos"], "windows_read": meta["windows"],
-                "corpus_windows_touched": meta["windows"] + meta["shuffle_buffer"]}
-    return {k: v for k, v in (("model", meta.get("model")), ("text", text)) if v is not None}
-
-
-def _spec(model: str) -> str:
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
 
 
 def _load(path: Path) -> Any:
@@ -363,7 +233,7 @@ def _eval(args: argparse.Namespace, torch: Any) -> int:
     if data.corpus is not None:
         result = _eval_text(args, data, cfg, sae)
     else:
-        stream, d_in, _, extra = _stream(data, cfg.batch_size, sae.cfg.kind)
+        stream, d_in, _, extra = data_stream(data, cfg.batch_size, sae.cfg.kind)
         if d_in != sae.d_in:
             raise UsageError(f"the dictionary reads width {sae.d_in}, the data has width {d_in}; pick the matching site")
         result = {k: v for k, v in evaluate(sae, stream, max_batches=cfg.batches).items() if k != "density"}
@@ -386,7 +256,7 @@ def _eval_text(args: argparse.Namespace, data: DataConfig, cfg: EvalConfig, sae:
     from mechscope.sae.io import read_sae_metadata
     from mechscope.sae.text_data import evaluate_on_text, held_out_skip
 
-    model, tokenizer, site, (text, _) = _live_model(args, data)
+    model, tokenizer, site, (text, _) = live_model(args, data)
     trained = read_sae_metadata(cfg.sae).get("text") if cfg.sae.is_file() else None
     skip = held_out_skip(trained, text, cfg.skip_windows)
     return evaluate_on_text(sae, model, tokenizer, site, text, windows=cfg.windows, skip_windows=skip,
