@@ -113,6 +113,7 @@ class ModelStructure:
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, ModelStructure]" = weakref.WeakKeyDictionary()
+_OVERRIDES: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def structure(model: nn.Module, *, blocks: str | None = None, attn: str | None = None, mlp: str | None = None,
@@ -130,8 +131,10 @@ def structure(model: nn.Module, *, blocks: str | None = None, attn: str | None =
     is checked the same way and refused when the sum does not hold).
     ``example`` is an input for the probe forward (default: token ids ``[[0, 1]]``).
     A call with overrides (or ``refresh=True``) rebuilds the structure and replaces the
-    cached one, so later alias look-ups on the same model use it. Call this before
-    hooking the model: the probe forward would run the hooks.
+    cached one, so later alias look-ups on the same model use it. The overrides stay with
+    the model: a later rebuild (another ``example``, ``refresh=True``, a tool probing with
+    its own input) applies them again, and only new overrides replace them. Call this
+    before hooking the model: the probe forward would run the hooks.
     """
     given = dict(blocks=blocks, attn=attn, mlp=mlp, attn_out_proj=attn_out_proj, mlp_down_proj=mlp_down_proj,
                  embed=embed, unembed=unembed, final_norm=final_norm, n_heads=n_heads, head_dim=head_dim,
@@ -141,7 +144,9 @@ def structure(model: nn.Module, *, blocks: str | None = None, attn: str | None =
         raise TypeError(f"structure() needs a torch.nn.Module, got {type(model).__name__}")
     if not overrides and example is None and not refresh and model in _CACHE:
         return _CACHE[model]
-    found = _build(model, overrides, example)
+    if overrides:
+        _OVERRIDES[model] = overrides
+    found = _build(model, overrides or _OVERRIDES.get(model, {}), example)
     _CACHE[model] = found
     return found
 
