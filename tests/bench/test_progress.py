@@ -1,19 +1,10 @@
 import io
 
+from fake_streams import TTY, Clock
+
 from mechscope.bench.progress import Progress, bar, estimate_left, format_seconds
 
 
-class TTY(io.StringIO):
-    def isatty(self):
-        return True
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 ROW = {"metric": "iia", "value": 0.5, "threshold": {"op": ">=", "value": 0.9}, "passed": False}

@@ -2,20 +2,11 @@
 
 import io
 
+from fake_streams import TTY, Clock
+
 from mechscope.core.progress import Progress, bar_text, format_seconds
 
 
-class TTY(io.StringIO):
-    def isatty(self):
-        return True
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_not_a_terminal_prints_one_plain_line_per_update_with_speed_from_the_start():
