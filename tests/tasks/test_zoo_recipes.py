@@ -48,3 +48,15 @@ def test_save_load_round_trip_records_config_and_recipe(tmp_path):
     assert "recipe" in str(meta) and "d_model" in str(meta)
     with pytest.raises(MissingCheckpointError, match="mechscope train test_task"):
         load_shipped(tmp_path / "missing.safetensors", CFG, "test", "test_task")
+
+
+def test_transformer_config_declares_its_bounds_on_the_fields():
+    import pytest
+
+    from mechscope.core.config import ConfigError
+
+    for bad, message in ((dict(vocab=0), "vocab must be >= 1"), (dict(d_mlp=0), "d_mlp must be >= 1"),
+                         (dict(act="tanh"), "expected one of 'gelu', 'relu'")):
+        with pytest.raises(ConfigError, match=message):
+            TransformerConfig(**bad)
+    assert TransformerConfig(d_mlp=None).d_mlp is None  # attention-only

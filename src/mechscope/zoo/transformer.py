@@ -13,30 +13,27 @@ cache): what patching replays use to recompute only what a patch can change.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.config import Config, config, param
 
-@dataclass(frozen=True)
-class TransformerConfig:
-    vocab: int = 64
-    n_ctx: int = 64
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_head: int = 16
-    d_mlp: int | None = 256  # None: attention-only
-    layer_norm: bool = True
-    act: str = "gelu"
 
-    def __post_init__(self) -> None:
-        for name in ("vocab", "n_ctx", "d_model", "n_layers", "n_heads", "d_head"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.act not in ("gelu", "relu"):
-            raise ValueError(f"TransformerConfig.act must be 'gelu' or 'relu', got {self.act!r}")
+@config
+class TransformerConfig(Config):
+    """Shape of a built-in transformer; the bounds are declared on the fields (checked when built)."""
+
+    vocab: int = param(64, ge=1, help="vocabulary size")
+    n_ctx: int = param(64, ge=1, help="positions")
+    d_model: int = param(64, ge=1, help="residual width")
+    n_layers: int = param(2, ge=1, help="blocks")
+    n_heads: int = param(4, ge=1, help="attention heads per block")
+    d_head: int = param(16, ge=1, help="width of each head")
+    d_mlp: Optional[int] = param(256, ge=1, help="MLP width (None: attention-only)")
+    layer_norm: bool = param(True, help="LayerNorm before each sublayer and at the end")
+    act: Literal["gelu", "relu"] = param("gelu", help="MLP activation")
 
 
 class Attention(nn.Module):
