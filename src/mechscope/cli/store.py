@@ -12,8 +12,16 @@ reads it). BOS / position 0, the attention sink, is left out of the rows unless 
 store continues where it stopped; with a different corpus, seq-len, seed, shuffle buffer,
 token budget, batch size or model the command refuses (exit 2) and names what differs. Rows
 are stored in the model's --dtype. The manifest records the model
-file's SHA-256, the library versions, the dtype and the position policy. One process writes
-a store: under torchrun the command refuses.
+file's SHA-256, the library versions, the dtype and the position policy.
+
+Under torchrun (``torchrun --nproc-per-node N -m mechscope store ...``) the N processes write
+one store together: each tokenises the same windows, runs every N-th input batch (rank r:
+batches r, r+N, ...) and writes its own shards (shard-rRRRRR-IIIII.safetensors) into --out;
+rank 0 then writes one manifest listing every shard, rank 0's first. The store holds the
+rows one process would write, in that order; the manifest records the world size. An
+interrupted store resumes with the same N (another N is refused, exit 2); a complete one
+is reused by any N. With --device cuda each rank uses its own GPU (cuda:LOCAL_RANK, round-robin
+when there are more ranks than GPUs).
 """
 
 from __future__ import annotations
@@ -78,20 +86,24 @@ def _record_spec(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     source, cfg = config_from_args(StoreModel, args), config_from_args(StoreConfig, args)
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UsageError("mechscope store runs as one process (a store has one writer: its manifest and shards); "
-                         "run it without torchrun, or write one store per process with different --out")
     if source.model is None:
         raise UsageError("mechscope store needs a pretrained model with its tokenizer: give --model "
                          "(a Hugging Face directory, a .gguf file or gemma-3-270m); --hf-config has no tokenizer")
     import torch
 
     from mechscope.core.corpora import resolve_corpus
+    from mechscope.core.distributed import finish, init_distributed
     from mechscope.core.lock import lock_dir
     from mechscope.core.text_store import POSITIONS, write_text_store
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    comm = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun: the ranks write one store together
+        comm = init_distributed("gloo")  # the store's collectives are barriers: gloo, whatever the device
+        if source.device == "cuda" and torch.cuda.is_available():  # one GPU per rank, not every rank on the first
+            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+            source = source.replace(device=f"cuda:{local % torch.cuda.device_count()}")  # more ranks than GPUs share
     with lock_dir(cfg.out, "--out"):  # checked and locked before the model loads (write_store takes it again)
         model, tokenizer = load(source)
         if tokenizer is None:
@@ -105,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, sites, resolve_corpus(cfg.corpus), cfg.out, tokens=cfg.tokens, seq_len=cfg.seq_len,
             batch_size=cfg.batch_size, field=cfg.field, split=cfg.split, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, keep_bos=cfg.keep_bos, shard_rows=cfg.shard_rows, record=record,
-            progress=True)
+            progress=True, comm=comm)
+    if comm is not None:
+        finish(comm)  # only after success: a failed rank exits and torchrun stops the others
+        if comm.rank != 0:
+            return 0  # rank 0 reports the store the ranks wrote
     asked = store.meta["windows"]
     if windows is None:
         print(f"{cfg.out} already holds this complete store: nothing to do", file=sys.stderr)

@@ -28,6 +28,11 @@ positions (by the batch's attention mask) and trailing dims are flattened (``row
 keeps them, e.g. ``[n_heads, d_head]``). Reading checks the manifest first
 (:mod:`mechscope.core.store_manifest`): shard files inside the directory, batch ranges
 without gaps.
+
+Under ``torchrun`` the ranks write one store together (:mod:`mechscope.core.store_ranks`):
+rank-named shards (``shard-r00001-00000.safetensors``), one merged manifest that every reader
+here reads as it reads this one, and ``meta["world_size"]``, which an interrupted store's
+resume must match (a complete store is reused by any world size).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from mechscope.core.lock import lock_dir
 from mechscope.core.paths import confined
 from mechscope.core.run import cache
 from mechscope.core.site import Site, SiteError
-from mechscope.core.store_manifest import FORMAT, MANIFEST, SCHEMA_VERSION, read_manifest
+from mechscope.core.store_manifest import FORMAT, MANIFEST, SCHEMA_VERSION, rank_files, read_manifest
 from mechscope.core.store_manifest import RECREATE as _RECREATE
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
@@ -114,9 +119,14 @@ def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get(field) != new[field]:
             out.append(f"{field}: store has {old.get(field)!r}, asked for {new[field]!r}")
     old_meta, new_meta = old.get("meta") or {}, new.get("meta") or {}
+    was, now = old_meta.get("world_size", 1), new_meta.get("world_size", 1)
+    if was != now and not old.get("complete"):  # a complete store holds the same rows for any world size
+        how = "without torchrun" if was == 1 else f"under torchrun --nproc-per-node {was}"
+        out.append(f"world size: store has {was} process(es), asked for {now}; an interrupted store resumes only "
+                   f"with the same number ({how})")
     for field in sorted(set(old_meta) | set(new_meta), key=lambda k: (k not in new_meta, k)):
         was, now = old_meta.get(field), new_meta.get(field)
-        if was == now:
+        if was == now or field == "world_size":
             continue
         if isinstance(was, dict) and isinstance(now, dict):  # name the part that differs: model.torch
             out += [f"{field}.{k}: store has {_short(was.get(k))}, asked for {_short(now.get(k))}"
@@ -145,10 +155,23 @@ def _clean_leftovers(out_dir: Path, n_shards: int) -> None:
 
 def _start(out_dir: Path, fresh: dict[str, Any], resume: bool) -> dict[str, Any]:
     """The manifest to continue from: the existing one (checked) or a fresh one."""
-    if not (out_dir / MANIFEST).exists():
+    old = existing_manifest(out_dir, fresh, resume)
+    if old is None:
         if out_dir.exists():
             _clean_leftovers(out_dir, 0)
+            for p in rank_files(out_dir):  # of a torchrun store whose manifest.json was deleted
+                p.unlink()
         return fresh
+    old["shard_rows"] = fresh["shard_rows"]
+    _clean_leftovers(out_dir, len(old["shards"]))
+    return old
+
+
+def existing_manifest(out_dir: Path, fresh: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The store already in ``out_dir`` (checked: it can be resumed or reused as ``fresh``
+    asks), or None when there is none; changes nothing on disk."""
+    if not (out_dir / MANIFEST).exists():
+        return None
     if not resume:
         raise ValueError(
             f"{out_dir} already holds an activation store; pass resume=True to continue or reuse "
@@ -161,16 +184,16 @@ def _start(out_dir: Path, fresh: dict[str, Any], resume: bool) -> dict[str, Any]
             f"cannot resume the store in {out_dir}: it was written with different settings ("
             + "; ".join(conflicts) + "); write to another out_dir, or delete this one to start over"
         )
-    old["shard_rows"] = fresh["shard_rows"]
-    _clean_leftovers(out_dir, len(old["shards"]))
     return old
 
 
 class _ShardWriter:
     """Buffers rows of whole input batches and writes them as shards, then the manifest."""
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], dtype: torch.dtype, manifest_file: str = MANIFEST,
+                 name: Callable[[int], str] = shard_name, header: dict[str, Any] | None = None) -> None:
         self.out_dir, self.manifest, self.dtype = out_dir, manifest, dtype
+        self.manifest_file, self.name, self.header = manifest_file, name, header or {}  # a rank's own files
         self.keys = [e["key"] for e in manifest["sites"]]
         self.buffers: dict[str, list[Tensor]] = {k: [] for k in self.keys}
         self.rows = 0
@@ -201,17 +224,18 @@ class _ShardWriter:
         """Write the buffered batches as the next shard (if any), then the manifest."""
         m = self.manifest
         if self.next_batch > self.first_batch:
-            name = shard_name(len(m["shards"]))
+            name = self.name(len(m["shards"]))
             tensors = {k: torch.cat(parts) for k, parts in self.buffers.items()}  # key -> [rows, d]
             covered = [self.first_batch, self.next_batch]
-            sums = save_tensors(self.out_dir / name, tensors, {"store_shard": len(m["shards"]), "batches": covered})
+            header = {"store_shard": len(m["shards"]), **self.header, "batches": covered}
+            sums = save_tensors(self.out_dir / name, tensors, header)
             m["shards"].append({"file": name, "rows": self.rows, "batches": covered, "sha256": sums})
             m["n_rows"] += self.rows
             m["n_batches"] = self.next_batch
             self.buffers = {k: [] for k in self.keys}
             self.rows, self.first_batch = 0, self.next_batch
         m["complete"] = complete
-        save_json_atomic(self.out_dir / MANIFEST, m)
+        save_json_atomic(self.out_dir / self.manifest_file, m)
 
 
 def write_store(
@@ -243,13 +267,7 @@ def write_store(
     of the attention mask (e.g. :func:`mechscope.core.text.analysis_mask`, which leaves
     out BOS); the model still runs on the batch as given.
     """
-    sites = [sites] if isinstance(sites, Site) else list(sites)
-    if not sites or not all(isinstance(s, Site) for s in sites):
-        raise TypeError(f"write_store needs one or more Site values, got {sites!r}")
-    if len(set(sites)) != len(sites):
-        raise ValueError(f"write_store got the same site twice: {[str(s) for s in sites]}")
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+    sites = check_sites(sites, shard_rows)
     out_dir = Path(out_dir)
     with lock_dir(out_dir, "activation store"):
         manifest = _start(out_dir, _new_manifest(sites, dtype, drop_padding, shard_rows, meta), resume)
@@ -258,12 +276,25 @@ def write_store(
     return Store(out_dir)
 
 
+def check_sites(sites: Site | Sequence[Site], shard_rows: int) -> list[Site]:
+    """The sites of a store as a list, checked (with ``shard_rows``)."""
+    sites = [sites] if isinstance(sites, Site) else list(sites)
+    if not sites or not all(isinstance(s, Site) for s in sites):
+        raise TypeError(f"write_store needs one or more Site values, got {sites!r}")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"write_store got the same site twice: {[str(s) for s in sites]}")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
+    return sites
+
+
 def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir: Path, manifest: dict[str, Any],
            dtype: torch.dtype, drop_padding: bool, progress: Callable[[int, int], None] | None,
-           row_mask: Callable[[Any], Tensor] | None = None) -> None:
-    """The loop of :func:`write_store`: run the batches not yet covered, shard by shard."""
-    shard_rows = manifest["shard_rows"]
-    writer = _ShardWriter(out_dir, manifest, dtype)
+           row_mask: Callable[[Any], Tensor] | None = None, writer: _ShardWriter | None = None) -> None:
+    """The loop of :func:`write_store`: run the batches not yet covered, shard by shard.
+    ``writer`` (one rank's, under torchrun) may see no batch: its slice can be empty."""
+    shard_rows, one_rank = manifest["shard_rows"], writer is not None
+    writer = writer or _ShardWriter(out_dir, manifest, dtype)
     keys = dict(zip(sites, writer.keys))
     done, seen = manifest["n_batches"], 0
     with torch.no_grad():
@@ -281,7 +312,7 @@ def _write(model: nn.Module, sites: list[Site], batches: Iterable[Any], out_dir:
                 writer.flush()
             if progress is not None:
                 progress(seen, manifest["n_rows"] + writer.rows)
-    if seen == 0:
+    if seen == 0 and not one_rank:
         raise ValueError(f"the dataset produced no batches, so there is nothing to write to {out_dir}; "
                          "check that the batch iterable is not empty or already exhausted")
     if seen < done:

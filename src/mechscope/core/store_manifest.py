@@ -29,6 +29,27 @@ MANIFEST = "manifest.json"
 RECREATE = "Delete the store directory and write it again with write_store"
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("dtype", "sites", "shards", "n_rows", "n_batches", "complete")
+SHARD_GLOB = "shard-*.safetensors"
+
+
+def rank_shard_name(rank: int, index: int) -> str:
+    """Shard ``index`` of rank ``rank`` of a store written under torchrun (:mod:`mechscope.core.store_ranks`)."""
+    return f"shard-r{rank:05d}-{index:05d}.safetensors"
+
+
+def rank_manifest_name(rank: int) -> str:
+    """The progress manifest of rank ``rank`` while a store is written under torchrun."""
+    return f"manifest-r{rank:05d}.json"
+
+
+def rank_shard_glob(rank: int | None = None) -> str:
+    """The shard files of one rank (every rank's when None)."""
+    return f"shard-r{'*' if rank is None else f'{rank:05d}'}-*.safetensors"
+
+
+def rank_files(out_dir: Path) -> list[Path]:
+    """Every rank's shards and progress manifests in ``out_dir`` (torchrun's files)."""
+    return sorted([*out_dir.glob(rank_shard_glob()), *out_dir.glob("manifest-r*.json")])
 
 
 def _count(value: Any) -> bool:
@@ -87,8 +108,9 @@ def _check_shard(path: Path, i: int, shard: Any, start: int, keys: list[str]) ->
     return batches[1]
 
 
-def check_manifest(path: Path, m: Any) -> dict[str, Any]:
-    """Every field of a parsed manifest, checked; returns it."""
+def check_manifest(path: Path, m: Any, shard_glob: str = SHARD_GLOB) -> dict[str, Any]:
+    """Every field of a parsed manifest, checked; returns it. ``shard_glob``: the shard files a
+    complete manifest must list (one rank's own, for a rank's progress manifest)."""
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an activation-store manifest (no format {FORMAT!r}). {RECREATE}")
     if m.get("schema_version") != SCHEMA_VERSION:
@@ -120,7 +142,7 @@ def check_manifest(path: Path, m: Any) -> dict[str, Any]:
     if len(set(files)) != len(files):
         raise _bad(path, f"two shards name the same file ({sorted(f for f in files if files.count(f) > 1)[0]})")
     if m["complete"]:  # a finished writer leaves no shard it did not record
-        extra = sorted(p.name for p in path.parent.glob("shard-*.safetensors") if p.name not in set(files))
+        extra = sorted(p.name for p in path.parent.glob(shard_glob) if p.name not in set(files))
         if extra:
             raise _bad(path, f"shard file(s) {extra[:3]} are in the store's directory but not in the manifest "
                              "(a shard was dropped from it)")

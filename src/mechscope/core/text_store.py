@@ -16,12 +16,18 @@ rows of every site to the sharded store of :mod:`mechscope.core.store`.
   already written are tokenised again but not run); a different setting is refused, naming it.
 - **Overlap**: a background thread tokenises the next batches (two ahead) while the model
   runs this one; the order, and so the store, is the same as without it.
-- **One writer**: the store has one manifest and one lock; under ``torchrun`` the ranks
-  would write the same shards, so more than one process is refused.
+- **Ranks**: with ``comm`` (the ranks of one ``torchrun`` launch, from
+  :func:`~mechscope.core.distributed.init_distributed`) rank ``r`` of ``N`` tokenises the same
+  windows but runs only input batches ``r, r + N, r + 2N, ...`` and writes its own shards
+  into the one ``out_dir``; rank 0 then writes one manifest listing every rank's shards,
+  rank by rank (:mod:`mechscope.core.store_ranks`). The rows are the single-process store's,
+  in that order; ``meta`` records ``world_size``, and an interrupted store resumes only with
+  the same one.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,10 +39,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechscope.core.distributed import Comm
 from mechscope.core.progress import Progress
 from mechscope.core.site import Site
 from mechscope.core.store import Store, write_store
-from mechscope.core.store_manifest import MANIFEST
+from mechscope.core.store_manifest import MANIFEST, rank_manifest_name
+from mechscope.core.store_ranks import write_store_ranks
 from mechscope.core.text import BOS_POLICY, Source, analysis_mask, text_windows, window_batches
 
 POSITIONS = {False: "BOS / position 0 excluded (attention sink)", True: "every position, BOS included"}
@@ -73,10 +81,10 @@ def text_store_meta(corpus: Source, tokenizer: Any, *, tokens: int, seq_len: int
             "bos_policy": BOS_POLICY, "tokenizer": tokenizer_spec(tokenizer), "model": record}
 
 
-def _done_batches(out_dir: Path) -> int:
-    """Input batches an existing (interrupted) store already covers; 0 when there is none."""
+def _done_batches(out_dir: Path, name: str = MANIFEST) -> int:
+    """Input batches an existing (interrupted) store (or a rank's slice: ``name``) already covers; 0 when none."""
     try:
-        return int(json.loads((out_dir / MANIFEST).read_text()).get("n_batches", 0))
+        return int(json.loads((out_dir / name).read_text()).get("n_batches", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0  # write_store reads and checks it properly
 
@@ -166,6 +174,7 @@ def write_text_store(
     shard_rows: int = 65536,
     record: dict[str, Any] | None = None,
     progress: bool = False,
+    comm: Comm | None = None,
 ) -> tuple[Store, int | None]:
     """Write ``sites`` of ``model`` over ``ceil(tokens / seq_len)`` windows of ``corpus``
     to a store in ``out_dir`` (see the module docstring); returns ``(store, windows read)``
@@ -175,7 +184,9 @@ def write_text_store(
     :func:`~mechscope.core.load.model_record`) goes into the manifest's ``meta``.
     ``progress`` shows a bar of input batches on stderr. A corpus with fewer windows than
     asked gives a smaller store (the count returned says how many); one with none is a
-    :class:`~mechscope.core.jsonl.DataError`.
+    :class:`~mechscope.core.jsonl.DataError`. ``comm`` with more than one rank: every rank
+    calls this with the same arguments and writes its share (see the module docstring); only
+    rank 0 shows progress.
     """
     if tokens < 1 or batch_size < 1:
         raise ValueError(f"tokens and batch_size must be at least 1, got {tokens} and {batch_size}")
@@ -187,19 +198,26 @@ def write_text_store(
     windows = _Counted(text_windows(corpus, tokenizer, seq_len, field=field, split=split, shuffle_buffer=shuffle_buffer,
                                     seed=seed, max_windows=meta["windows"]))
     bos = tokenizer.bos_token_id
-    total = math.ceil(meta["windows"] / batch_size)
-    bar = Progress(total, label="store", enabled=progress, start=_done_batches(out_dir))
+    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    total = len(range(rank, math.ceil(meta["windows"] / batch_size), world))  # this rank's input batches
+    done = _done_batches(out_dir, MANIFEST if world == 1 else rank_manifest_name(rank))
+    label = "store" if world == 1 else f"store (rank 0 of {world})"  # rank 0's bar: its own slice
+    bar = Progress(total, label=label, enabled=progress and rank == 0, start=done)
     every = 1 if bar.shows_bar else max(1, total // 20)  # logs get about 20 lines
 
     def show(done: int, rows: int) -> None:
         if done % every == 0 or done == total:
             bar.update(done, f"{rows:,} rows")
 
-    ahead = _prefetch(window_batches(windows, batch_size))  # its thread starts at the first batch
+    mine = itertools.islice(window_batches(windows, batch_size), rank, None, world)  # every rank tokenises all
+    ahead = _prefetch(mine)  # its thread starts at the first batch
+    kwargs = dict(shard_rows=shard_rows, dtype=dtype, progress=show, meta=meta,
+                  row_mask=lambda batch: analysis_mask(batch, bos, keep_bos))
     try:
-        store = write_store(model, sites, _to(input_device(model), ahead), out_dir, shard_rows=shard_rows,
-                            dtype=dtype, progress=show, meta=meta,
-                            row_mask=lambda batch: analysis_mask(batch, bos, keep_bos))
+        if world > 1:
+            store = write_store_ranks(model, sites, _to(input_device(model), ahead), out_dir, comm, **kwargs)
+        else:
+            store = write_store(model, sites, _to(input_device(model), ahead), out_dir, **kwargs)
     finally:
         ahead.close()  # stops the tokenising thread when write_store stopped early
         bar.close()
