@@ -33,6 +33,7 @@ def test_fvu_is_about_the_mean_over_all_tokens():
     assert r["l0"] == pytest.approx(4 / 3)
     assert r["density"].tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])
     assert r["dead_fraction"] == pytest.approx(1 / 3) and r["dense_10pct"] == pytest.approx(2 / 3)
+    assert r["dead_window_tokens"] == r["n_tokens"]  # the window "dead" is judged over, stated
     assert r["shrinkage"] == pytest.approx(float((y_hat ** 2).sum() / (y * y_hat).sum()))
 
 

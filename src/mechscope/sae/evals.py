@@ -7,9 +7,10 @@ On activations (:func:`evaluate`, streaming over batches, sums in fp64):
   variance is taken about the mean over all N tokens (not per batch, not ``‖y‖²`` as in
   OpenAI's normalised MSE). Explained variance ``= 1 − FVU``.
 - **MSE**: ``Σ‖y − ŷ‖² / N`` (summed over dimensions, averaged over tokens).
-- **density** of a latent: the fraction of tokens on which it is ``≠ 0``. **Dead**: density 0
-  over the evaluated tokens (say how many: the trainer's own "dead" counts tokens since
-  a latent last fired). **Dense**: density above 1 % and above 10 % (SAEBench).
+- **density** of a latent: the fraction of tokens on which it is ``≠ 0``. **Dead**: no firing
+  over a stated window of tokens, one definition everywhere: here the window is the evaluated
+  tokens (``dead_window_tokens``); in the trainer's history it is the last ``dead_tokens``
+  tokens (it counts tokens since each latent last fired). **Dense**: density above 1 % and above 10 % (SAEBench).
 - **shrinkage** ``γ = E‖ŷ‖² / E[y·ŷ]`` (Gated SAE paper, eq. 10): below 1 the
   reconstruction is shrunk towards 0; also the mean of ``‖ŷ‖/‖y‖``.
 
@@ -82,6 +83,7 @@ class ReconstructionStats:
             "explained_variance": 1 - fvu,
             "mse": self.sse / self.n,
             "dead_fraction": float((density == 0).float().mean()),
+            "dead_window_tokens": self.n,  # "dead": no firing over this window (training: --dead-tokens)
             "dense_1pct": float((density > 0.01).float().mean()),
             "dense_10pct": float((density > 0.10).float().mean()),
             "shrinkage": self.hat_sq / self.dot if self.dot != 0 else math.nan,
