@@ -5,6 +5,8 @@ This module holds the structure check (issue 20, row 7) and imports the modules 
 other rows so that the catalog's one entry registers them all:
 
 - :mod:`mechscope.bench.real_induction`: induction heads on random tokens repeated once.
+- :mod:`mechscope.bench.real_steering`: steering by difference of means against prompting (row 4).
+- :mod:`mechscope.bench.real_probes`: token-property probes with control tasks (row 5).
 
 Every threshold is written in the registry with its source before the row first ran,
 with its budget in the row's detail; a finding that is not reproduced stays so. The model
@@ -23,6 +25,9 @@ from mechscope.bench import (
     Result,
     check,
     real_induction,  # noqa: F401 - registers the induction rows
+    real_ioi,  # noqa: F401 - registers the indirect-object identification rows
+    real_probes,  # noqa: F401 - registers the probe rows
+    real_steering,  # noqa: F401 - registers the steering-vs-prompting rows
 )
 from mechscope.bench.real_model import REFERENCE, reference_model
 from mechscope.core.aliases import attn_out, mlp_out, resid_post, resid_pre
