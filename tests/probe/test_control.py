@@ -66,3 +66,19 @@ def test_constant_control_labels_count_as_solved():
     types = torch.zeros(200, dtype=torch.long)  # one type: the control labels are constant
     c = probe_with_controls(x, y, types)
     assert c.control_accuracy == 1.0 and c.selectivity < 0.1
+
+
+def test_balanced_selectivity_speaks_where_one_class_dominates():
+    """A property of 4 % of rows, readable from feature 0: plain accuracy is ~0.96 for any probe,
+    task or control, so plain selectivity is near 0; balanced selectivity shows the gap."""
+    from mechscope.probe.control import probe_with_controls
+    from mechscope.probe.linear import split_indices
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=gen)
+    labels = (x[:, 0] > 1.75).long()  # ~4 % positives
+    types = torch.randint(0, 400, (1000,), generator=gen)  # token types: the control task's key
+    c = probe_with_controls(x, labels, types, seed=0)
+    assert c.balanced_selectivity is not None and c.balanced_selectivity > c.selectivity + 0.2
+    assert c.summary()["balanced_selectivity"] == c.balanced_selectivity
+    assert all(torch.equal(a, b) for a, b in zip(c.split, split_indices(1000, (0.6, 0.2, 0.2), 0, None)))

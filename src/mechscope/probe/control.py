@@ -75,6 +75,8 @@ class ControlledProbe:
     control: ProbeFit | None  # None when no types were given (or every control column is constant)
     shuffled: ProbeFit
     control_by_task: Tensor | None = None  # [m] held-out control accuracy per task
+    control_balanced_by_task: Tensor | None = None  # [m] held-out control balanced accuracy per task
+    split: tuple[Tensor, Tensor, Tensor] | None = None  # the (train, val, test) rows every probe used
 
     @property
     def accuracy(self) -> float:
@@ -97,10 +99,21 @@ class ControlledProbe:
         c = self.control_accuracy
         return None if c is None else float(selectivity(self.accuracy, c))
 
+    @property
+    def balanced_selectivity(self) -> float | None:
+        """Task minus control *balanced* accuracy on the same test rows: the selectivity that
+        means something when one class dominates (a property of 2 % of tokens puts plain
+        accuracy near 0.98 for any probe, task or control)."""
+        task = self.task.test_balanced_accuracy
+        if self.control_balanced_by_task is None or task is None:
+            return None
+        return float(selectivity(task.mean(), self.control_balanced_by_task.mean()))
+
     def summary(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "balanced_accuracy": self.task.balanced_accuracy,
                 "control_accuracy": self.control_accuracy,
-                "selectivity": self.selectivity, "shuffled_accuracy": self.shuffled_accuracy,
+                "selectivity": self.selectivity, "balanced_selectivity": self.balanced_selectivity,
+                "shuffled_accuracy": self.shuffled_accuracy,
                 "majority_accuracy": self.majority_accuracy, "l2": self.task.summary()["l2"]}
 
 
@@ -115,21 +128,25 @@ def probe_with_controls(x: Any, labels: Any, types: Any = None, *, seed: int = 0
     split = split_indices(x.shape[0], fractions, seed, groups)
     kw = dict(l2_grid=l2_grid, split=split, max_iter=max_iter)
     task = train_probe(x, labels, **kw)
-    control, by_task = None, None
+    control, by_task, balanced = None, None, None
     if types is not None:
-        control, by_task = _control_probe(x, control_labels(types, labels, seed + 1), kw)
+        control, by_task, balanced = _control_probe(x, control_labels(types, labels, seed + 1), kw)
     shuffled = train_probe(x, shuffled_labels(labels, seed + 2), **kw)
-    return ControlledProbe(task, control, shuffled, by_task)
+    return ControlledProbe(task, control, shuffled, by_task, balanced, tuple(split))
 
 
-def _control_probe(x: Tensor, control: Tensor, kw: dict[str, Any]) -> tuple[ProbeFit | None, Tensor]:
-    """Fit the control task. With few types a task's control labels can all be one class; a
-    constant predictor is then exactly right, so that task's control accuracy is 1."""
+def _control_probe(x: Tensor, control: Tensor, kw: dict[str, Any]) -> tuple[ProbeFit | None, Tensor, Tensor]:
+    """Fit the control task: ``(fit, accuracy per task, balanced accuracy per task)``. With few
+    types a task's control labels can all be one class; a constant predictor is then exactly
+    right, so that task's control accuracy (and balanced accuracy) is 1."""
     cols = control[:, None] if control.dim() == 1 else control
     varied = [j for j in range(cols.shape[1]) if torch.unique(cols[:, j]).numel() > 1]
     by_task = torch.ones(cols.shape[1], dtype=torch.float64)
+    balanced = torch.ones(cols.shape[1], dtype=torch.float64)
     if not varied:
-        return None, by_task
+        return None, by_task, balanced
     fit = train_probe(x, cols[:, varied] if control.dim() == 2 else control, **kw)
     by_task[varied] = fit.test_accuracy
-    return fit, by_task
+    if fit.test_balanced_accuracy is not None:
+        balanced[varied] = fit.test_balanced_accuracy.double()
+    return fit, by_task, balanced
