@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mechscope.core.stats import wilson_interval
+from mechscope.core.stats import bootstrap_interval, wilson_interval
 from mechscope.report import figures as _fig
 
 _FIGURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -41,6 +41,11 @@ class Result:
     def proportion(cls, value: float, n: int, **kwargs: Any) -> "Result":
         """An accuracy or IIA over ``n`` examples, with its Wilson 95 % interval."""
         return cls(float(value), n=int(n), interval=wilson_interval(float(value), int(n)), **kwargs)
+
+    @classmethod
+    def mean(cls, values: Any, seed: int, **kwargs: Any) -> "Result":
+        """The mean of per-example ``values`` ``[n]``, with n and a seeded bootstrap 95 % interval."""
+        return cls(float(values.mean()), n=len(values), interval=bootstrap_interval(values, seed=seed), **kwargs)
 
 
 @dataclass

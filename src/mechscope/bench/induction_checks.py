@@ -121,10 +121,6 @@ def _plot_per_query(ctx, per_query: dict[str, torch.Tensor], half_len: int) -> N
         ax.legend()
 
 
-def _mean_row(values: torch.Tensor, seed: int, **kwargs: Any) -> Result:
-    """A mean over the evaluation sequences, with n and a bootstrap 95 % interval."""
-    return Result(float(values.mean()), n=len(values), interval=bootstrap_interval(values, seed=seed), **kwargs)
-
 
 _BOUND_WHY = ("the data's period P ~ U[L/2, L] lets a position-only guess score ~2.3 nats, so 'loss > 3' tested "
               "the wrong thing; held instead to the Bayes-optimal position-only mixture under the training prior")
@@ -170,18 +166,18 @@ def induction_losses(ctx) -> list[Result]:
         per_query[f"{n}-layer model"] = induction.token_losses(logits, tokens)[:, mcfg.half_len + 1:].mean(0)
         base = {"first_half": first, "uniform": math.log(mcfg.vocab), "position_only": guess,
                 "positional_bound": float(bound.mean()), "untrained": float(untrained[n].mean())}
-        rows.append(_mean_row(loss[n], ctx.seed, baselines=base, metric=f"repeated_half_loss_{n}l",
+        rows.append(Result.mean(loss[n], ctx.seed, baselines=base, metric=f"repeated_half_loss_{n}l",
                               detail={"model": source, "n_layers": n, "half_len": mcfg.half_len,
                                       "loss_on": "tokens r_1..r_{L-1} of the second copy",
                                       "interval": "bootstrap over the evaluation sequences"}))
     paired = {"interval": "paired bootstrap over the evaluation sequences", "bound": bound_detail}
     rows += [
-        _mean_row(loss[1] - bound, ctx.seed, metric="loss_1l_minus_positional_bound", detail={**paired, "model": models[1][2]},
+        Result.mean(loss[1] - bound, ctx.seed, metric="loss_1l_minus_positional_bound", detail={**paired, "model": models[1][2]},
                   baselines={"two_layer": float((loss[2] - bound).mean()),
                              "untrained": float((untrained[1] - bound).mean())}),
-        _mean_row(bound - loss[2], ctx.seed, metric="positional_bound_minus_loss_2l", detail={**paired, "model": models[2][2]},
+        Result.mean(bound - loss[2], ctx.seed, metric="positional_bound_minus_loss_2l", detail={**paired, "model": models[2][2]},
                   baselines={"untrained": float((bound - untrained[2]).mean())}),
-        _mean_row(bound, ctx.seed, metric="positional_bound", baselines={"position_only": guess},
+        Result.mean(bound, ctx.seed, metric="positional_bound", baselines={"position_only": guess},
                   detail={"what": "repeated-half loss of the Bayes-optimal position-only mixture on the evaluation "
                                   "batch", **bound_detail}),
     ]
@@ -226,11 +222,11 @@ def induction_head_scores(ctx) -> list[Result]:
     detail = {"model": source, "scores": {k: v.tolist() for k, v in scores.items()}, "induction_score": "stripe",
               "interval": "bootstrap over the evaluation sequences (head chosen on the whole batch)"}
     return [
-        _mean_row(per_seq["induction_stripe"][1, :, ind_head], ctx.seed, detail={**detail, "head": [1, ind_head]},
+        Result.mean(per_seq["induction_stripe"][1, :, ind_head], ctx.seed, detail={**detail, "head": [1, ind_head]},
                   baselines={"untrained": float(untrained["induction_stripe"][1].max())}),
-        _mean_row(per_seq["previous_token"][0, :, prev_head], ctx.seed, detail={**detail, "head": [0, prev_head]},
+        Result.mean(per_seq["previous_token"][0, :, prev_head], ctx.seed, detail={**detail, "head": [0, prev_head]},
                   baselines={"untrained": float(untrained["previous_token"][0].max())}, metric="best_layer0_previous_token"),
-        _mean_row(one_stripes, ctx.seed, detail={"model": "1-layer control", "head": [0, one_head]},
+        Result.mean(one_stripes, ctx.seed, detail={"model": "1-layer control", "head": [0, one_head]},
                   metric="one_layer_best_induction_stripe"),
     ]
 
@@ -277,10 +273,10 @@ def induction_ablation(ctx) -> list[Result]:
     base = {"unablated": float(intact.mean()), "uniform": math.log(cfg.vocab)}
     common = {"model": source, "ablation": "mean (over the evaluation batch, per position)",
               "interval": "bootstrap over the evaluation sequences"}
-    rows = [_mean_row(single, ctx.seed, baselines=base,
+    rows = [Result.mean(single, ctx.seed, baselines=base,
                       detail={**common, "head": [1, best], "zero_ablation_loss": float(sweeps["zero"].values[1, best]),
                               "sweeps": {k: v.to_dict() for k, v in sweeps.items()}}),
-            _mean_row(every, ctx.seed, baselines=base, metric="all_induction_heads_ablated_loss",
+            Result.mean(every, ctx.seed, baselines=base, metric="all_induction_heads_ablated_loss",
                       detail={**common, "heads": [list(h) for h in heads]})]
     return rows + _random_head_control(ctx, model, tokens, cfg, scores, heads, every - intact, intact, common)
 

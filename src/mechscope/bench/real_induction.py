@@ -112,10 +112,6 @@ def _data(ctx: Any, model: Any, tok: Any) -> dict[str, Any]:
     return _DATA[key]
 
 
-def _mean_row(values: Tensor, seed: int, **kwargs: Any) -> Result:
-    """A mean over the sequences, with n and a bootstrap 95 % interval."""
-    return Result(float(values.mean()), n=len(values), interval=bootstrap_interval(values, seed=seed), **kwargs)
-
 
 def _ratio(second: Tensor, first: Tensor) -> Tensor:
     return second.mean() / first.mean()
@@ -150,14 +146,14 @@ def induction_losses(ctx) -> list[Result]:
     return [
         Result(float(_ratio(second, first)), detail={**budget, **loss_on, "interval": "paired bootstrap over the "
                "sequences (ratio of means)"}, n=N_SEQS, interval=interval),
-        _mean_row(stripes[layer, :, head], ctx.seed, metric="best_induction_stripe",
+        Result.mean(stripes[layer, :, head], ctx.seed, metric="best_induction_stripe",
                   baselines={"median_head": float(mean_stripe.median())},
                   detail={**budget, "head": [layer, head], "stripe": mean_stripe.tolist(),
                           "previous_token": data["previous_token"].tolist(),
                           "note": "head chosen on the whole batch; the interval is over its per-sequence scores"}),
-        _mean_row(first, ctx.seed, metric="first_half_loss", baselines={"uniform_pool": math.log(POOL)},
+        Result.mean(first, ctx.seed, metric="first_half_loss", baselines={"uniform_pool": math.log(POOL)},
                   detail={**budget, "loss_on": loss_on["first_half_loss"]}),
-        _mean_row(second, ctx.seed, metric="second_half_loss", baselines={"uniform_pool": math.log(POOL)},
+        Result.mean(second, ctx.seed, metric="second_half_loss", baselines={"uniform_pool": math.log(POOL)},
                   detail={**budget, "loss_on": loss_on["second_half_loss"]}),
         _composition_row(model, (layer, head), data["previous_token"], ctx.seed),
     ]
@@ -230,14 +226,14 @@ def induction_ablation(ctx) -> list[Result]:
     base = {"intact": float(intact.mean()), "first_half": float(data["first"].mean())}
     detail = {**budget, "ablation": "zero", "heads": [list(h) for h in top],
               "stripes": [float(mean_stripe[h]) for h in top]}
-    rows = [_mean_row(rise_top, ctx.seed, baselines=base, detail=detail),
-            _mean_row(rise_mean, ctx.seed, baselines=base, metric="top3_mean_ablation_rise",
+    rows = [Result.mean(rise_top, ctx.seed, baselines=base, detail=detail),
+            Result.mean(rise_mean, ctx.seed, baselines=base, metric="top3_mean_ablation_rise",
                       detail={**detail, "ablation": "mean (per position, over the sequences)"})]
     draw_rises: list[float] = []
     if draws:
         rises = torch.stack([ablated_second_half(model, tokens, d) - intact for d in draws])  # [draws, batch]
         draw_rises = rises.mean(1).tolist()
-        rows.append(_mean_row(rises.mean(0), ctx.seed, metric="random3_zero_ablation_rise", baselines=base,
+        rows.append(Result.mean(rises.mean(0), ctx.seed, metric="random3_zero_ablation_rise", baselines=base,
                               detail={**budget, "ablation": "zero", "drawn": [[list(h) for h in d] for d in draws],
                                       "per_draw": draw_rises, "eligible": len(eligible)}))
     note = {} if draws else {"note": f"n/a: only {len(eligible)} heads have stripe < {CONTROL_BELOW}; "

@@ -205,8 +205,7 @@ def ioi_accuracy(ctx) -> list[Result]:
               "order": "ABB: IO named first; BAB: IO named second"}
     acc = float((diffs > 0).double().mean())
     return [Result.proportion(acc, N_PROMPTS, baselines={"chance": 0.5}, detail=detail),
-            Result(float(diffs.mean()), n=N_PROMPTS, interval=bootstrap_interval(diffs, seed=ctx.seed),
-                   metric="mean_logit_difference",
+            Result.mean(diffs, ctx.seed, metric="mean_logit_difference",
                    detail={**detail, "interval": "bootstrap over the prompts", "min": float(diffs.min())})]
 
 
