@@ -146,3 +146,17 @@ def test_an_amended_criterion_shows_the_one_it_replaced(out):
     rows = [_finding(2.2, True, detail={"amended_from": was, "registered_after_observation": True})]
     html = render_report({**board(), "rows": rows}, out)
     assert "amended 2026-12-06 from &gt; 3" in html
+
+
+def test_an_attached_page_is_embedded_sandboxed(out):
+    """A check's HTML attachment (feature pages) is embedded escaped, in a frame that runs no scripts."""
+    (out / "figures" / "real_sae__topk__pages.html").write_text('<html><body><p class="x">latent 7 & "co"</p>'
+                                                                 "<script>alert(1)</script></body></html>")
+    b = board()
+    b["figures"].append({"task": "hier_eq", "method": "das", "name": "pages", "caption": "Feature pages",
+                         "path": "figures/real_sae__topk__pages.html"})
+    html = render_report(b, out)
+    frame = html[html.index('<details class="attached">'):]
+    assert frame.startswith('<details class="attached"><summary>Feature pages</summary><iframe sandbox="" srcdoc="')
+    assert "&lt;p class=&quot;x&quot;&gt;latent 7 &amp; &quot;co&quot;" in frame
+    assert "<script>" not in frame

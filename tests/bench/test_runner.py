@@ -271,3 +271,20 @@ def test_a_suite_runs_only_its_own_checks_and_records_its_models(tmp_path):
     assert "gemma" not in {r["task"] for r in default["rows"]} and default["models"] == []
     with pytest.raises(SelectionError, match="unknown check name 'gemma'"):
         run_bench(BenchConfig(out=tmp_path / "c", only=("gemma",), report=False), reg, stream=io.StringIO())
+
+
+def test_summary_prints_peak_memory_and_cache_builds_apart(tmp_path):
+    from mechscope.bench.runner import summary
+
+    def builds(ctx):
+        ctx.record_cache_build("activation store", 90.0)
+        return Result(1.0)
+
+    reg = make_registry()
+    reg.register("gamma", "store", "built", None, run=builds)
+    board, _ = run(tmp_path, registry=reg)
+    assert board["cache_builds"] == [{"task": "gamma", "method": "store", "what": "activation store", "seconds": 90.0}]
+    assert isinstance(board["peak_rss_bytes"], int) and board["peak_rss_bytes"] > 2 ** 20
+    line = summary({**board, "seconds": 100.0}, tmp_path)
+    assert "in 1m40s (10s without the caches built: activation store 1m30s)" in line
+    assert f"peak memory {board['peak_rss_bytes'] / 2 ** 30:.2f} GiB" in line

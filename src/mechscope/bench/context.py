@@ -70,12 +70,19 @@ class CheckContext:
     log: logging.Logger
     figures: list[dict[str, Any]] = field(default_factory=list)
     models: list[dict[str, Any]] = field(default_factory=list)
+    cache_builds: list[dict[str, Any]] = field(default_factory=list)
 
     def record_model(self, record: dict[str, Any]) -> None:
         """Put a real model's record (:func:`mechscope.core.load.model_record`: weights SHA-256,
         library versions, dtype) into the scoreboard's ``models``."""
         if record not in self.models:
             self.models.append(record)
+
+    def record_cache_build(self, what: str, seconds: float) -> None:
+        """Say that this run built a cache that later runs reuse (an activation store, a
+        converted model): the run's summary prints its time apart from the checks'."""
+        self.cache_builds.append({"task": self.task, "method": self.method, "what": what,
+                                  "seconds": round(float(seconds), 1)})
 
     @property
     def figures_dir(self) -> Path:
@@ -119,6 +126,17 @@ class CheckContext:
         self.figures_dir.mkdir(parents=True, exist_ok=True)
         path = self.figures_dir / f"{self.task}__{self.method}__{name}.png"
         path.write_bytes(png)
+        self._record(name, caption, path=path.relative_to(self.out_dir).as_posix())
+        return path
+
+    def add_html(self, page: str, name: str, caption: str = "") -> Path:
+        """Attach a self-contained HTML page (feature pages, say) as
+        ``figures/<task>__<method>__<name>.html``; the report shows it in a sandboxed frame."""
+        if not _FIGURE_NAME.match(name):
+            raise ValueError(f"attachment name {name!r} must be letters, digits, '_', '-' or '.', e.g. 'feature_pages'")
+        self.figures_dir.mkdir(parents=True, exist_ok=True)
+        path = self.figures_dir / f"{self.task}__{self.method}__{name}.html"
+        path.write_text(page, encoding="utf-8")
         self._record(name, caption, path=path.relative_to(self.out_dir).as_posix())
         return path
 

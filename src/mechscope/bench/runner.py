@@ -139,6 +139,8 @@ def _run_checks(checks: list[Check], cfg: BenchConfig, board: dict[str, Any], ou
             board["rows"] += rows
             board["figures"] = merge_figures(board["figures"], ctx.figures)
             board["models"] += [m for m in ctx.models if m not in board["models"]]
+            board["cache_builds"] = board.get("cache_builds", []) + ctx.cache_builds
+            board["peak_rss_bytes"] = peak_rss_bytes()
             board["seconds"] = round(time.perf_counter() - start, 3)
             write_scoreboard(out / "scoreboard.json", board)
             progress.finish(rows, seconds)
@@ -250,6 +252,24 @@ def exit_status(board: dict[str, Any], fail: bool = True, strict: bool = False) 
     return rows_status(board["rows"], fail=fail, strict=strict)
 
 
+def peak_rss_bytes() -> int | None:
+    """The largest resident set this process has had so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS counts bytes, Linux KiB
+
+
 def summary(board: dict[str, Any], out: Path) -> str:
-    return (f"{tally_line(tally(board['rows']))} in {format_seconds(board['seconds'])}; "
-            f"scoreboard: {Path(out) / 'scoreboard.json'}")
+    """The run's last line: tallies, duration (cache builds apart), peak memory, where the scoreboard is."""
+    builds = board.get("cache_builds") or []
+    built = sum(b["seconds"] for b in builds)
+    timing = format_seconds(board["seconds"])
+    if builds:
+        parts = ", ".join(f"{b['what']} {format_seconds(b['seconds'])}" for b in builds)
+        timing += f" ({format_seconds(board['seconds'] - built)} without the caches built: {parts})"
+    peak = board.get("peak_rss_bytes")
+    memory = f"; peak memory {peak / 2 ** 30:.2f} GiB" if peak else ""
+    return f"{tally_line(tally(board['rows']))} in {timing}{memory}; scoreboard: {Path(out) / 'scoreboard.json'}"

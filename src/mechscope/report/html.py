@@ -39,6 +39,7 @@ tr.notrep td.verdict{background:#fff0c2;color:#6a4a00;font-weight:600}
 .banner.bad{background:#f8d7d7} .banner.note{background:#fff4d6}
 pre.error{white-space:pre-wrap;background:#fbeeee;padding:.5em;margin:.3em 0;font-size:12px}
 figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+details.attached iframe{width:100%;height:640px;border:1px solid #e3e6ea}
 figure img{max-width:560px;border:1px solid #e3e6ea} figcaption{color:#445;font-size:.9em;max-width:560px}
 .detail{color:#334;font-size:.92em} .muted{color:#889}
 """
@@ -178,6 +179,10 @@ def figure_html(fig: dict[str, Any], base_dir: Path) -> str:
     path = confined(base_dir, fig.get("path"), f"figure {fig['name']!r} of the scoreboard")  # never read outside
     if not path.is_file():
         return f'<div class="banner note">Figure {escape(fig["name"])}: file {escape(str(path))} not found</div>'
+    if path.suffix == ".html":  # an attached page: sandboxed (no scripts), collapsed until opened
+        page = escape(path.read_text(encoding="utf-8"), quote=True)
+        return (f'<details class="attached"><summary>{caption}</summary><iframe sandbox="" srcdoc="{page}" '
+                f'title="{caption}"></iframe></details>')
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
             f"<figcaption>{caption}</figcaption></figure>")
@@ -196,6 +201,10 @@ def _header(board: dict[str, Any]) -> str:
             f"device {escape(str(board['device']))} · threads {escape(str(board.get('threads', '?')))} · "
             f"seed {escape(str(board['seed']))} · started {escape(str(board['started']))} · "
             f"{fmt(round(board['seconds'], 1))} s")
+    for b in board.get("cache_builds") or []:
+        meta += f" (of which {escape(str(b.get('what')))} built: {fmt(b.get('seconds'))} s)"
+    if isinstance(board.get("peak_rss_bytes"), int):
+        meta += f" · peak memory {board['peak_rss_bytes'] / 2 ** 30:.2f} GiB"
     banner = "" if board.get("complete", True) else \
         '<div class="banner bad">This run did not finish: the rows below are those it completed.</div>'
     broken = [r for r in board["rows"] if r.get("error") or (row_kind(r) == "check" and r["passed"] is False)]

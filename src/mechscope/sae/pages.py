@@ -37,10 +37,13 @@ def _ids(inputs: Any) -> Tensor:
     return ids
 
 
-def collect(model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any]) -> tuple[Tensor, Tensor, Tensor]:
+def collect(model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any],
+            row_mask: Callable[[Any], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(codes [n, pos, d_sae], token ids [n, pos], real-token mask [n, pos])`` over the batches.
 
     A site without a position dimension (``[batch, d]``) is taken to be at the last position.
+    ``row_mask(inputs) -> [batch, pos]`` leaves more positions out (BOS, say) without
+    changing what the model sees.
     """
     codes, ids, masks = [], [], []
     with torch.no_grad():
@@ -56,6 +59,8 @@ def collect(model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any]) -> t
             else:
                 mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs \
                     else torch.ones_like(tok, dtype=torch.bool)
+            if row_mask is not None:
+                mask = mask & row_mask(inputs).to(mask.device).bool()
             if view.shape[:2] != tok.shape:
                 raise SAEError(f"the site's activation {list(view.shape)} does not line up with the tokens {list(tok.shape)}")
             codes.append(sae.encode(view.float()) * mask[..., None])
@@ -109,48 +114,90 @@ def feature_pages(model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any]
     """Write the pages of ``features`` (default: the ``n_features`` most often active); returns index.html."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    codes, ids, mask = collect(model, sae, site, batches)  # [n, pos, m], [n, pos], [n, pos]
-    flat = codes.reshape(-1, sae.d_sae)  # [n*pos, m]
-    n_tokens = int(mask.sum())
-    density = (flat != 0).sum(0).float() / max(n_tokens, 1)  # [m]
+    seen = _Seen.of(model, sae, site, batches, to_logits)
     if features is None:
-        features = density.argsort(descending=True)[:n_features].tolist()
-    bad = [f for f in features if not 0 <= int(f) < sae.d_sae]
-    if bad:
-        raise SAEError(f"features {bad[:5]} are outside the dictionary's {sae.d_sae} latents")
-    m = to_logits if to_logits is not None else logit_map(model, sae)
-    if m is not None and m.shape[0] != sae.d_out:
-        raise SAEError(f"to_logits must be [d_out={sae.d_out}, vocab], got {list(m.shape)}")
-    logits = sae.W_dec.detach().float() @ m if m is not None else None  # [m, vocab]
+        features = seen.density.argsort(descending=True)[:n_features].tolist()
+    seen.check(features)
     rows = []
     for f in map(int, features):
-        col = flat[:, f]
-        top = col.topk(min(n_examples, int((col > 0).sum()))).indices if (col > 0).any() else col[:0].long()
-        peak = float(col.max()) if col.numel() else 0.0
-        examples = "".join(_example(ids[int(i) // ids.shape[1]], codes[int(i) // ids.shape[1], :, f],
-                                    int(i) % ids.shape[1], peak, token_str, *context) for i in top)
-        promoted = suppressed = ""
-        if logits is not None:
-            k = min(10, logits.shape[1])
-            up, down = logits[f].topk(k), (-logits[f]).topk(k)
-            promoted = _tokens(up.values, up.indices, token_str, "pos")
-            suppressed = _tokens(-down.values, down.indices, token_str, "neg")
-        body = (f"<h1>latent {f}</h1><p>density {float(density[f]):.4%} of {n_tokens} tokens; max activation {peak:.4g}</p>"
-                f"<h2>activations when active</h2>{_svg_histogram(col[col > 0])}"
-                f"<h2>top examples</h2>{examples or '<p><small>none</small></p>'}"
-                + (f"<h2>promotes</h2><p>{promoted}</p><h2>suppresses</h2><p>{suppressed}</p>" if logits is not None else
-                   "<p><small>no map to the logits: give to_logits=[d, vocab]</small></p>")
-                + '<p><a href="index.html">all latents</a></p>')
-        (out / f"feature_{f}.html").write_text(_page(f"latent {f}", body))
-        first = promoted.split(", ")[0] if promoted else ""
-        rows.append(f'<tr><td><a href="feature_{f}.html">{f}</a></td><td>{float(density[f]):.4%}</td>'
-                    f"<td>{peak:.3g}</td><td>{first}</td></tr>")
+        body, first = seen.body(f, n_examples, context, token_str)
+        (out / f"feature_{f}.html").write_text(_page(f"latent {f}", body + '<p><a href="index.html">all latents</a></p>'))
+        rows.append(f'<tr><td><a href="feature_{f}.html">{f}</a></td><td>{float(seen.density[f]):.4%}</td>'
+                    f"<td>{seen.peak(f):.3g}</td><td>{first}</td></tr>")
     table = "<table><tr><th>latent</th><th>density</th><th>max</th><th>top promoted token</th></tr>" + "".join(rows) + "</table>"
     head = html.escape(title or f"{sae.cfg.arch} dictionary, {sae.d_sae} latents, at {site}")
     index = out / "index.html"
-    index.write_text(_page(head, f"<h1>{head}</h1><p>{n_tokens} tokens; dead on these inputs: "
-                                 f"{int((density == 0).sum())} of {sae.d_sae}</p>{table}"))
+    index.write_text(_page(head, f"<h1>{head}</h1><p>{seen.n_tokens} tokens; dead on these inputs: "
+                                 f"{seen.n_dead} of {sae.d_sae}</p>{table}"))
     return index
+
+
+def feature_sheet(model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any], features: Sequence[int], *,
+                  n_examples: int = 8, context: tuple[int, int] = (10, 3), to_logits: Tensor | None = None,
+                  token_str: Callable[[int], str] = str, title: str = "",
+                  row_mask: Callable[[Any], Tensor] | None = None) -> str:
+    """The pages of ``features`` on one self-contained HTML page (for embedding in a report);
+    ``row_mask`` as in :func:`collect`."""
+    seen = _Seen.of(model, sae, site, batches, to_logits, row_mask)
+    seen.check(features)
+    head = html.escape(title or f"{sae.cfg.arch} dictionary, {sae.d_sae} latents, at {site}")
+    bodies = "".join(f"<section>{seen.body(int(f), n_examples, context, token_str)[0]}</section><hr>"
+                     for f in features)
+    return _page(head, f"<h1>{head}</h1><p>{seen.n_tokens} tokens; dead on these inputs: {seen.n_dead} of "
+                       f"{sae.d_sae}</p>{bodies}")
+
+
+class _Seen:
+    """A dictionary's codes on some inputs and the map of its directions to the logits."""
+
+    def __init__(self, sae: SAE, codes: Tensor, ids: Tensor, mask: Tensor, to_logits: Tensor | None) -> None:
+        self.sae, self.ids = sae, ids
+        self.flat = codes.reshape(-1, sae.d_sae)  # [n*pos, m]
+        self.codes = codes  # [n, pos, m]
+        self.n_tokens = int(mask.sum())
+        self.density = (self.flat != 0).sum(0).float() / max(self.n_tokens, 1)  # [m]
+        self.n_dead = int((self.density == 0).sum())
+        if to_logits is not None and to_logits.shape[0] != sae.d_out:
+            raise SAEError(f"to_logits must be [d_out={sae.d_out}, vocab], got {list(to_logits.shape)}")
+        self.to_logits = to_logits
+
+    @classmethod
+    def of(cls, model: nn.Module, sae: SAE, site: Site, batches: Iterable[Any], to_logits: Tensor | None,
+           row_mask: Callable[[Any], Tensor] | None = None) -> "_Seen":
+        codes, ids, mask = collect(model, sae, site, batches, row_mask)  # [n, pos, m], [n, pos], [n, pos]
+        return cls(sae, codes, ids, mask, to_logits if to_logits is not None else logit_map(model, sae))
+
+    def check(self, features: Sequence[int]) -> None:
+        bad = [f for f in features if not 0 <= int(f) < self.sae.d_sae]
+        if bad:
+            raise SAEError(f"features {bad[:5]} are outside the dictionary's {self.sae.d_sae} latents")
+
+    def peak(self, f: int) -> float:
+        col = self.flat[:, f]
+        return float(col.max()) if col.numel() else 0.0
+
+    def body(self, f: int, n_examples: int, context: tuple[int, int], token_str: Callable[[int], str]) -> tuple[str, str]:
+        """(HTML of latent ``f``'s page, its top promoted token)."""
+        col, pos = self.flat[:, f], self.ids.shape[1]
+        top = col.topk(min(n_examples, int((col > 0).sum()))).indices if (col > 0).any() else col[:0].long()
+        peak = self.peak(f)
+        examples = "".join(_example(self.ids[int(i) // pos], self.codes[int(i) // pos, :, f], int(i) % pos, peak,
+                                    token_str, *context) for i in top)
+        promoted = suppressed = ""
+        if self.to_logits is not None:  # one latent's row at a time: [m, vocab] at once is GBs for a large vocabulary
+            logits = self.sae.W_dec[f].detach().float() @ self.to_logits  # [vocab]
+            k = min(10, logits.shape[0])
+            up, down = logits.topk(k), (-logits).topk(k)
+            promoted = _tokens(up.values, up.indices, token_str, "pos")
+            suppressed = _tokens(-down.values, down.indices, token_str, "neg")
+        body = (f"<h1>latent {f}</h1><p>density {float(self.density[f]):.4%} of {self.n_tokens} tokens; "
+                f"max activation {peak:.4g}</p>"
+                f"<h2>activations when active</h2>{_svg_histogram(col[col > 0])}"
+                f"<h2>top examples</h2>{examples or '<p><small>none</small></p>'}"
+                + (f"<h2>promotes</h2><p>{promoted}</p><h2>suppresses</h2><p>{suppressed}</p>"
+                   if self.to_logits is not None else
+                   "<p><small>no map to the logits: give to_logits=[d, vocab]</small></p>"))
+        return body, promoted.split(", ")[0] if promoted else ""
 
 
 def _page(title: str, body: str) -> str:
