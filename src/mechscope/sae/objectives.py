@@ -20,7 +20,7 @@ minimised. Definitions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -30,17 +30,34 @@ from mechscope.sae.arch import SAE
 from mechscope.sae.kernels import sparse_decode, topk_encode
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """Per-step settings an objective reads (coefficients may follow a schedule)."""
+class ObjectiveOptions(Protocol):
+    """The fixed settings an objective reads: :class:`mechscope.sae.train.TrainConfig`'s fields
+    of these names, read where they are declared rather than copied."""
 
-    dead: Tensor | None = None  # long [n_dead]: latents counted dead, for AuxK
-    k_aux: int = 0
+    aux_alpha: float
+    l0_coefficient: float
+    l0_penalty: Literal["target", "linear"]
+    ste_to_input: bool
+
+
+@dataclass(frozen=True)
+class _Defaults:
     aux_alpha: float = 1 / 32
-    l1_coefficient: float = 1.0
     l0_coefficient: float = 1.0
     l0_penalty: Literal["target", "linear"] = "target"
     ste_to_input: bool = False
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What an objective reads at one step: the values that change during a run (the dead
+    latents, the scheduled L1 coefficient), AuxK's k (an architecture default filled in), and
+    the run's fixed options (``options``: the TrainConfig)."""
+
+    dead: Tensor | None = None  # long [n_dead]: latents counted dead, for AuxK
+    k_aux: int = 0
+    l1_coefficient: float = 1.0
+    options: ObjectiveOptions = _Defaults()
 
 
 @dataclass
@@ -78,7 +95,7 @@ def _aux_loss(sae: SAE, e: Tensor, h_dead: Tensor, s: LossSettings) -> Tensor | 
     code = torch.zeros_like(h_dead).scatter(1, j, vals.relu())  # [B, n_dead]
     e_hat = code @ sae.W_dec.index_select(0, s.dead)  # [B, d_out]
     scale = min(s.dead.numel() / s.k_aux, 1.0)
-    return s.aux_alpha * scale * _fvu(e_hat - e, e)
+    return s.options.aux_alpha * scale * _fvu(e_hat - e, e)
 
 
 def _fired(sae: SAE, idx: Tensor, vals: Tensor) -> Tensor:
@@ -136,9 +153,9 @@ def jumprelu_objective(sae: SAE, x: Tensor, y: Tensor, s: LossSettings) -> StepO
     f = jumprelu(h, sae.threshold, eps)
     y_hat = _plus_skip(f @ sae.W_dec + sae.b_dec, sae, x)
     mse = (y - y_hat).pow(2).sum(-1).mean()
-    l0 = step(h, sae.threshold, eps, s.ste_to_input).sum(-1).mean()  # differentiable L0
-    penalty = (l0 / sae.cfg.k - 1) ** 2 if s.l0_penalty == "target" else l0
-    loss = mse + s.l0_coefficient * penalty
+    l0 = step(h, sae.threshold, eps, s.options.ste_to_input).sum(-1).mean()  # differentiable L0
+    penalty = (l0 / sae.cfg.k - 1) ** 2 if s.options.l0_penalty == "target" else l0
+    loss = mse + s.options.l0_coefficient * penalty
     fd = f.detach()
     parts = {"recon": mse.item(), "sparsity": penalty.item(), "fvu": _fvu(y - y_hat.detach(), y).item()}
     return StepOutput(loss, parts, y_hat.detach(), (fd > 0).any(0), float((fd > 0).sum()) / x.shape[0])

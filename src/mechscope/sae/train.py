@@ -216,8 +216,7 @@ class Trainer:
         if r.dead_fix == "auxk":
             dead = torch.nonzero(self.since_fired >= c.dead_tokens).flatten()
         l1 = _l1(c.l1_coefficient, c.l1_warmup_fraction, self.step_count, c.steps)
-        return LossSettings(dead=dead, k_aux=r.aux_k, aux_alpha=c.aux_alpha, l1_coefficient=l1,
-                            l0_coefficient=c.l0_coefficient, l0_penalty=c.l0_penalty, ste_to_input=c.ste_to_input)
+        return LossSettings(dead=dead, k_aux=r.aux_k, l1_coefficient=l1, options=c)
 
     def _check_batch(self, x: Tensor, y: Tensor | None) -> Tensor:
         cfg = self.sae_cfg
