@@ -13,6 +13,7 @@ TRAIN_NAMES = {
     "spd_tms_5_2", "spd_tms_40_10", "spd_tms_5_2_id", "spd_resid_mlp", "spd_tms_5_2_decomposition",
     "spd_tms_40_10_decomposition", "spd_tms_5_2_id_decomposition", "spd_resid_mlp_decomposition",
     "sae_synthetic", "sae_toy_worlds", "sae_induction", "sae_grokking", "steering_toy", "instructions", "othello",
+    "ravel", "rival_variables",
 }
 
 

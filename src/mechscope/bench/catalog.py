@@ -20,6 +20,8 @@ CHECK_MODULES: list[str] = [
     "mechscope.bench.probe_checks",
     "mechscope.bench.control_checks",
     "mechscope.bench.othello_checks",
+    "mechscope.bench.ravel_checks",
+    "mechscope.bench.hypothesis_checks",
 ]
 
 

@@ -21,7 +21,8 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
-SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae", "store", "corpus")
+SUBCOMMANDS = ("bench", "report", "sites", "train", "das", "spd", "probe", "steer", "reft", "sae", "store", "corpus",
+               "hypothesis")
 
 
 class UsageError(Exception):

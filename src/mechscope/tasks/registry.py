@@ -29,6 +29,8 @@ from torch import nn
 from mechscope import zoo
 from mechscope.tasks import grokking, hierarchical_equality, induction, instructions, modular, othello
 from mechscope.tasks import price_tagging, sae_synthetic, sae_worlds, spd_targets, steering_toy
+from mechscope.tasks import ravel
+from mechscope.tasks import rival_variables
 
 Log = Callable[[str], None]
 
@@ -123,6 +125,13 @@ def _tasks() -> list[Task]:
         _recipe_world("instructions", instructions,
                       "trained 3-layer transformer following instruction tokens (copy, reverse, sort, shift)"),
         _recipe_world("othello", othello, "trained 6-layer world model of 6x6 Othello (legal moves of random games)"),
+        Task(ravel.NAME, "RAVEL, small: 3-layer transformer answering colour/shape queries about 48 entities",
+             ravel.train_and_ship, ravel.CHECKPOINT, ravel.load, ravel.Recipe, ravel.train, ravel.sample,
+             ravel.causal_model),
+        Task(rival_variables.NAME, "rival intermediates: MLP on digits x, y, z -> x + y + z whose blocks compute "
+             "S = x + y and never T = y + z (known by construction)", rival_variables.train_and_ship,
+             rival_variables.CHECKPOINT, rival_variables.load, rival_variables.Recipe, rival_variables.train,
+             rival_variables.sample, rival_variables.causal_model),
     ]
 
 
