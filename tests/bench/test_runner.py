@@ -288,3 +288,21 @@ def test_summary_prints_peak_memory_and_cache_builds_apart(tmp_path):
     line = summary({**board, "seconds": 100.0}, tmp_path)
     assert "in 1m40s (10s without the caches built: activation store 1m30s)" in line
     assert f"peak memory {board['peak_rss_bytes'] / 2 ** 30:.2f} GiB" in line
+
+
+def test_dtype_is_for_the_real_suite_and_reaches_the_reference_model(tmp_path, monkeypatch):
+    from mechscope.bench import real_model
+    from mechscope.bench.context import CheckContext
+    from mechscope.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype bfloat16 applies to the real suite"):
+        run(tmp_path, dtype="bfloat16")
+    loads = []
+    monkeypatch.setattr(real_model, "load_model", lambda name, **kw: loads.append(kw) or (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(real_model, "model_record", lambda name, model: {"name": name})
+    monkeypatch.setattr(real_model, "_LOADED", {})
+    ctx = CheckContext(task="t", method="m", seed=0, full=False, device="cpu", out_dir=tmp_path,
+                       log=__import__("logging").getLogger("t"), dtype="bfloat16")
+    real_model.reference_model(ctx)
+    real_model.reference_model(ctx)  # loaded once per (device, dtype)
+    assert loads == [{"device": "cpu", "attn": "eager", "dtype": "bfloat16"}]

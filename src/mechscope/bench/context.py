@@ -68,6 +68,7 @@ class CheckContext:
     device: str
     out_dir: Path
     log: logging.Logger
+    dtype: str = "float32"  # what the real suite loads the reference model in
     figures: list[dict[str, Any]] = field(default_factory=list)
     models: list[dict[str, Any]] = field(default_factory=list)
     cache_builds: list[dict[str, Any]] = field(default_factory=list)

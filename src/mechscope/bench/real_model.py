@@ -27,18 +27,19 @@ from mechscope.core.run import run
 REFERENCE = "gemma-3-270m"
 CHUNK_ROWS = 256  # rows unembedded at once: 256 x 262k float32 = 268 MB
 
-_LOADED: dict[str, tuple[nn.Module, Any]] = {}
+_LOADED: dict[tuple[str, str], tuple[nn.Module, Any]] = {}
 _HEADS: weakref.WeakKeyDictionary[nn.Module, Head] = weakref.WeakKeyDictionary()
 
 
 def reference_model(ctx: Any) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of the reference model on ``ctx.device``, loaded once per process
+    """``(model, tokenizer)`` of the reference model on ``ctx.device`` in ``ctx.dtype``, loaded once per process
     with eager attention (the only implementation that returns attention patterns, so that
     every row runs the same attention code), and recorded in the scoreboard's ``models``."""
-    if ctx.device not in _LOADED:
-        ctx.log.info(f"loading {REFERENCE} (float32, eager attention) on {ctx.device}")
-        _LOADED[ctx.device] = load_model(REFERENCE, device=ctx.device, attn="eager")
-    model, tok = _LOADED[ctx.device]
+    key = (ctx.device, ctx.dtype)
+    if key not in _LOADED:
+        ctx.log.info(f"loading {REFERENCE} ({ctx.dtype}, eager attention) on {ctx.device}")
+        _LOADED[key] = load_model(REFERENCE, device=ctx.device, attn="eager", dtype=ctx.dtype)
+    model, tok = _LOADED[key]
     ctx.record_model(model_record(REFERENCE, model))
     return model, tok
 

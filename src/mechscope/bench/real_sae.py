@@ -68,7 +68,7 @@ def _train(ctx: Any, store: Any, d_model: int) -> tuple[SAE, Any, list[dict[str,
     cfg = TrainConfig(steps=steps, batch_size=BATCH, seed=ctx.seed, progress=False, log_every=max(1, steps // 8))
     t0 = time.perf_counter()
     out = train(SAEConfig(d_in=d_model, d_sae=EXPANSION * d_model, arch="topk", k=K), cfg,
-                store_batches(store, store.sites[0], BATCH, seed=ctx.seed),
+                (rows.float() for rows in store_batches(store, store.sites[0], BATCH, seed=ctx.seed)),
                 on_log=lambda m, _: ctx.log.info(f"SAE step {int(m['step'])}: FVU {m['fvu']:.4f} L0 {m['l0']:.1f}"))
     return out.sae, out.trainer, out.history, time.perf_counter() - t0, steps
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mechscope.core import aliases
@@ -42,15 +43,16 @@ def sae_site(model: nn.Module) -> Site:
     return aliases.resid_post(model, LAYER)
 
 
-def store_dir(name: str) -> Path:
-    """Where the store of model ``name`` lives: one directory per model, site and budget."""
-    return cache_root() / "stores" / f"{name}-resid_post.{LAYER}-{CORPUS}-{STORE_TOKENS}x{SEQ_LEN}"
+def store_dir(name: str, dtype: torch.dtype = torch.float32) -> Path:
+    """Where the store of model ``name`` lives: one directory per model, site, budget and row dtype."""
+    kind = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return cache_root() / "stores" / f"{name}-resid_post.{LAYER}-{CORPUS}-{STORE_TOKENS}x{SEQ_LEN}{kind}"
 
 
 def cached_store(model: nn.Module, tokenizer: Any, name: str, log: Any = None) -> tuple[Store, dict[str, Any]]:
     """The store (built, or resumed, here when it is missing or unfinished) and what its
     build cost in this call: ``{"built": bool, "seconds": float, "path": str}``."""
-    out = store_dir(name)
+    out = store_dir(name, next(model.parameters()).dtype)
     t0 = time.perf_counter()
     if log is not None:
         log.info(f"activation store of the SAE row: {out} (built on the first run: "

@@ -45,6 +45,8 @@ class BenchConfig(Config):
     threads: int = param(0, metavar="N", ge=0, help="torch intra-op threads; 0 = automatic (1 on up to 3 cores, "
                          "else half the cores, at most 4)")
     device: str = param("cpu", metavar="DEVICE", help="device the checks put models and tensors on")
+    dtype: Literal["float32", "bfloat16", "float16"] = param(
+        "float32", help="dtype the real suite loads the reference model in (the default suite's worlds are float32)")
     report: bool = param(True, help="write report.html beside the scoreboard")
     suite: Literal["default", "real"] = param("default", help="default: the built-in worlds; real: the reference "
                                               "real model (pip install 'mechscope[real]'; never part of CI's tests)")
@@ -105,6 +107,9 @@ def run_bench(cfg: BenchConfig, registry: Registry | None = None, *,
         failures, registry = load_catalog(suite=cfg.suite), REGISTRY
     checks = _select(registry, cfg, failures)
     _check_device(cfg.device)
+    if cfg.dtype != "float32" and cfg.suite != "real":
+        raise ConfigError(f"--dtype {cfg.dtype} applies to the real suite (--suite real); the default suite's "
+                          "worlds are trained and checked in float32")
     import torch
 
     threads_before = torch.get_num_threads()
@@ -158,7 +163,7 @@ def new_board(cfg: BenchConfig, threads: int) -> dict[str, Any]:
 
     return {
         "schema": SCHEMA, "mechscope": mechscope.__version__, "torch": torch.__version__,
-        "device": cfg.device, "seed": cfg.seed, "started": utc_now(), "seconds": 0.0,
+        "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed, "started": utc_now(), "seconds": 0.0,
         "threads": threads, "complete": False, "options": cfg.to_dict(), "suite": cfg.suite, "models": [],
         "rows": [], "figures": [],
     }
@@ -183,7 +188,7 @@ def run_check(chk: Check, cfg: BenchConfig, out: Path,
     the context (with the figures and model records the check attached) and the seconds."""
     seed_everything(cfg.seed)
     ctx = CheckContext(task=chk.task, method=chk.method, seed=cfg.seed, full=cfg.full,
-                       device=cfg.device, out_dir=out, log=log.getChild(f"{chk.task}.{chk.method}"))
+                       device=cfg.device, dtype=cfg.dtype, out_dir=out, log=log.getChild(f"{chk.task}.{chk.method}"))
     start = time.perf_counter()
     try:
         outcome = chk.run(ctx)
