@@ -8,10 +8,16 @@
    engine (the activations before the site computed once; each step runs only the
    network after it) against full forwards of the whole model for the base and for
    every source in every step (as pyvene does). Both must end at the same basis.
-   Target: >= 10x. Also shown, for information: full forwards whose sources stop at
-   the site, each step's cost in plain forward + backward passes of the MLP, and the
-   *ceiling* of the ratio: what any implementation of the tail could reach against
-   these full forwards if its DAS cost nothing (see :func:`ratio_ceiling`).
+   Target (issue 22): a tail step (parametrisation, mixing, forward, backward, optimiser)
+   costs <= 1.2x a plain forward + backward of the layers after the site (``P`` of
+   :func:`ratio_ceiling`, timed interleaved with the fits). The old target of 10x the
+   full-forward step is retired (its ceiling, printed, is ~2.2x here) and its ratio is
+   information, as are full forwards whose sources stop at the site and the step's cost
+   in plain forward + backward passes of the whole MLP.
+
+The process keeps freed memory as the ``mechscope`` command does
+(:func:`mechscope.core.alloc.retain_freed_memory`), for every contender alike; the load
+average is printed with the timings.
 
 For scale (quoted from the issue, not measured here): pyvene 0.1.8 runs this DAS at about
 41 steps/s on a machine like this one (one thread), 11x the cost of a plain forward and
@@ -22,6 +28,7 @@ Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_das.py [--quick]
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -30,12 +37,13 @@ import time
 import torch
 
 from _timing import fix_threads, header, interleaved, verdict
+from mechscope.core.alloc import retain_freed_memory
 from mechscope.causal.das import FitConfig, SubspaceAlignment, das, fit, frozen, widths_of
 from mechscope.causal.engine import FullEngine, TailEngine
 from mechscope.causal.iia import iia
 from mechscope.tasks import hierarchical_equality as task
 
-BATCH, RATIO_TARGET, FIT_SECONDS, IIA_TARGET = 6400, 10.0, 30.0, 0.95
+BATCH, TAIL_TARGET, OLD_RATIO_TARGET, FIT_SECONDS, IIA_TARGET = 6400, 1.2, 10.0, 30.0, 0.95
 
 
 def peak_rss_mb() -> float:
@@ -75,54 +83,72 @@ def steps_per_second(quick: bool) -> bool:
                    "full_stop": FullEngine(model, train, places, full_sources=False)}
         widths = widths_of(engines["tail"], [site])
     per_step: dict[str, list[float]] = {k: [] for k in engines}
+    cpu_step: dict[str, list[float]] = {k: [] for k in (*engines, "after_site")}
     finals: dict[str, torch.Tensor] = {}
 
     def train_once(kind: str) -> None:  # the real training loop (das.fit), from the same start, on one engine
         trainable = SubspaceAlignment(places, {"WX": 8, "YZ": 8}, widths, seed=0)
         result = fit(model, train, trainable, cfg=cfg, engine=engines[kind])
         per_step[kind].append(result.seconds / result.steps)
+        cpu_step[kind].append(result.cpu_seconds / result.steps)
         finals[kind] = trainable.featurizers[0].basis().detach().clone()
 
+    after_site, _ = plain_passes(model, train)
+    per_step["after_site"] = []
+
+    def time_after_site() -> None:  # P, the plain forward + backward of the layers after the site, in the same rounds
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(20):
+            after_site()
+        per_step["after_site"].append((time.perf_counter() - t0) / 20)
+        cpu_step["after_site"].append((time.process_time() - c0) / 20)
+
+    with frozen(model):
+        for _ in range(5):
+            after_site()
     for kind in engines:  # warm-up
         train_once(kind)
-    for _ in range(7 if quick else 15):  # interleaved: tail, full, full_stop, tail, ...
+    for _ in range(7 if quick else 15):  # interleaved: tail, P, full, full_stop, tail, ...
         for kind in engines:
             train_once(kind)
+            if kind == "tail":
+                with frozen(model):
+                    time_after_site()
+    load = os.getloadavg()[0]
     t = {k: statistics.median(v) for k, v in per_step.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_step.items()}
     # same work, same result: every engine ends at the same basis
     gap = max(float((finals[k] - finals["tail"]).abs().max()) for k in finals)
     with frozen(model):
         x = train.base[:BATCH].clone().requires_grad_(True)
         plain = interleaved({"plain": lambda: model(x).sum().backward()}, repeats=7 if quick else 15, inner=5)["plain"]
     ratio, ratio_stop = t["full"] / t["tail"], t["full_stop"] / t["tail"]
-    ok = ratio >= RATIO_TARGET and gap < 1e-3
+    tail_cost = cpu["tail"] / cpu["after_site"]  # the verdict: CPU time, which other processes do not inflate
+    ok = tail_cost <= TAIL_TARGET and gap < 1e-3
     print(f"DAS training (das.fit, batch {BATCH}, WX + YZ, 8 dims each, hidden layer 0, {cfg.epochs} epoch(s) of "
-          f"{len(train)} examples per fit): tail {1 / t['tail']:.0f} steps/s ({t['tail'] * 1e3:.2f} ms), "
-          f"full forwards {1 / t['full']:.0f} steps/s ({t['full'] * 1e3:.2f} ms), ratio {ratio:.2f}x "
-          f"(target >= {RATIO_TARGET:.0f}x) {verdict(ok)}")
+          f"{len(train)} examples per fit): CPU time per tail step {cpu['tail'] * 1e3:.2f} ms, per plain forward + "
+          f"backward of the layers after the site {cpu['after_site'] * 1e3:.2f} ms: a tail step costs {tail_cost:.2f}x "
+          f"that (target <= {TAIL_TARGET}x) {verdict(ok)} (load average {load:.2f}); wall clock: tail "
+          f"{1 / t['tail']:.0f} steps/s ({t['tail'] * 1e3:.2f} ms), after the site {t['after_site'] * 1e3:.2f} ms, "
+          f"{t['tail'] / t['after_site']:.2f}x")
     print(f"  same result: the learnt bases differ by at most {gap:.1e} between engines")
-    print(f"  for information: full forwards with sources stopped at the site {1 / t['full_stop']:.0f} steps/s "
-          f"(ratio {ratio_stop:.2f}x); a plain forward + backward of the MLP {plain * 1e3:.2f} ms "
-          f"(a tail step costs {t['tail'] / plain:.1f}x that, a full-forward step {t['full'] / plain:.1f}x); "
-          f"pyvene 0.1.8 (quoted): ~41 steps/s, 11x a plain forward + backward")
+    print(f"  for information: full forwards {1 / t['full']:.0f} steps/s ({t['full'] * 1e3:.2f} ms), ratio {ratio:.2f}x "
+          f"(the retired target was >= {OLD_RATIO_TARGET:.0f}x); full forwards with sources stopped at the site "
+          f"{1 / t['full_stop']:.0f} steps/s (ratio {ratio_stop:.2f}x); a plain forward + backward of the whole MLP "
+          f"{plain * 1e3:.2f} ms (a tail step costs {t['tail'] / plain:.1f}x that, a full-forward step "
+          f"{t['full'] / plain:.1f}x); pyvene 0.1.8 (quoted): ~41 steps/s, 11x a plain forward + backward")
     ceiling, p, e = ratio_ceiling(model, train, repeats=7 if quick else 15)
     print(f"  ceiling of the ratio for any tail implementation: {ceiling:.2f}x = (P + E) / P, with P "
           f"{p * 1e3:.2f} ms the plain forward + backward of the layers after the site and E {e * 1e3:.2f} ms "
           f"plain forwards of the whole MLP on the base and the {len(train.variables)} sources (all a "
-          f"full-forward step computes beyond a tail step){'' if ceiling >= RATIO_TARGET else '; the 10x target is out of reach here'}")
+          f"full-forward step computes beyond a tail step){'' if ceiling >= OLD_RATIO_TARGET else '; the retired 10x target is out of reach here'}")
     return ok
 
 
-def ratio_ceiling(model, train, repeats: int) -> tuple[float, float, float]:
-    """(ceiling, P, E): the best ratio a tail engine could show against full forwards.
-
-    A tail step must at least run the network after the site forward and backward on the
-    batch (``P``: plain, hook-free, no rotation, no optimiser). The full-forward step does
-    that too, plus what the tail has precomputed (``E``: bounded above by plain forwards
-    of the whole model on the base and on each source). So no tail implementation can be
-    faster than ``(P + E) / P`` times the full forwards -- and ours also pays for the
-    rotations, the interchange and the optimiser, which the full forwards pay too.
-    """
+def plain_passes(model, train):
+    """(P, E) as functions: ``P`` the plain forward + backward of the layers after the site on
+    one batch (input gradient only: the model is frozen), ``E`` plain forwards of the whole
+    model on the base and on each source (what a full-forward step computes beyond a tail step)."""
     import torch.nn.functional as F
 
     idx = torch.arange(BATCH)
@@ -144,6 +170,20 @@ def ratio_ceiling(model, train, repeats: int) -> tuple[float, float, float]:
             for x in (base, *sources):
                 model(x)
 
+    return after_site, precomputed
+
+
+def ratio_ceiling(model, train, repeats: int) -> tuple[float, float, float]:
+    """(ceiling, P, E): the best ratio a tail engine could show against full forwards.
+
+    A tail step must at least run the network after the site forward and backward on the
+    batch (``P``: plain, hook-free, no rotation, no optimiser). The full-forward step does
+    that too, plus what the tail has precomputed (``E``: bounded above by plain forwards
+    of the whole model on the base and on each source). So no tail implementation can be
+    faster than ``(P + E) / P`` times the full forwards -- and ours also pays for the
+    rotations, the interchange and the optimiser, which the full forwards pay too.
+    """
+    after_site, precomputed = plain_passes(model, train)
     with frozen(model):
         t = interleaved({"P": after_site, "E": precomputed}, repeats=repeats, inner=5)
     return (t["P"] + t["E"]) / t["P"], t["P"], t["E"]
@@ -153,6 +193,8 @@ def main() -> int:
     quick = "--quick" in sys.argv
     threads = fix_threads()
     header("DAS training speed", threads)
+    print(f"keeping freed memory as the mechscope command does: {retain_freed_memory()}; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     ok = whole_fit(quick)
     ok = steps_per_second(quick) and ok
     return 0 if ok else 1

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from mechscope.causal.alignment import Alignment, AlignmentError, Place, interchange_features
 from mechscope.causal.counterfactual import CounterfactualData
 from mechscope.causal.engine import Engine, Readout, group_by_site, identity_readout, make_engine
+from mechscope.causal.projection import column_masks, mix_by_projectors
 from mechscope.causal.stiefel import StiefelSubspace
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.core.featurize import Featurizer, Rotation, Subspace
@@ -44,8 +45,9 @@ class FitConfig(Config):
     batch_size: int = param(1024, ge=1, help="examples per step")
     lr: float = param(1e-2, gt=0, help="Adam learning rate of the alignment")
     seed: int = param(0, help="seed of the initialisation and the batch order")
-    engine: Literal["auto", "tail", "full"] = param(
-        "auto", help="tail: precompute activations before the site; full: whole forwards every step")
+    engine: Literal["auto", "tail", "full", "suffix"] = param(
+        "auto", help="tail: precompute activations before the site; suffix: also the positions before the "
+                     "intervened ones (a causal LM at its last position); full: whole forwards every step")
 
 
 class Trainable(nn.Module):
@@ -115,6 +117,7 @@ class SubspaceAlignment(Trainable):
         self.sites, self.dims, self.kind = dict(sites), dict(dims), kind
         self.featurizers = nn.ModuleList()
         self._where: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self._masks: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # mix_site's column masks, per call shape
         for i, (site, names) in enumerate(by_site(self.sites).items()):
             d, total = widths[site], sum(self.dims[v] for v in names)
             if any(self.dims[v] < 1 for v in names):
@@ -134,16 +137,28 @@ class SubspaceAlignment(Trainable):
         return interchange_features(self.featurizers[i], feats, base, source)
 
     def mix_site(self, variables: Sequence[str], base: Tensor, sources: Sequence[Tensor]) -> Tensor:
-        """The variables of one basis in one projection: ``x_b + (sum_v ((x_v - x_b) B) * m_v) Bᵀ``.
+        """The variables of one basis at once: ``x_b + sum_v (x_v - x_b) B_v B_vᵀ``.
 
-        ``m_v`` masks the columns of variable ``v``. Because the columns are orthonormal and
-        disjoint this equals applying :meth:`mix` variable by variable (up to rounding) with
-        one encoding per source and a single decoding, which is faster (``docs/results.md``).
+        ``B_v`` are the columns of variable ``v``. Because the columns are orthonormal and
+        disjoint this equals applying :meth:`mix` variable by variable (up to rounding).
+        Where the basis is nearly square (``V d <= 2 k`` for ``V`` variables, ``k`` columns
+        in all, as in a full rotation) the offsets multiply the ``d x d`` projectors
+        ``B_v B_vᵀ`` in one matrix product, ``x_b + [x_1 - x_b | ... ] [P_1; ...]``: one
+        product forward and one (for the projectors' gradient) backward, where projecting
+        and decoding take three of each (:mod:`mechscope.causal.projection`); otherwise
+        each source's offset is encoded once and the sum decoded once.
         """
         where = [self._where[v] for v in variables]
         if len(variables) < 2 or len({i for i, _ in where}) > 1:
             return super().mix_site(variables, base, sources)
         basis = self.featurizers[where[0][0]].basis().to(base.dtype)  # [d, k]
+        d, k = basis.shape
+        if len(variables) * d <= 2 * k and base.dim() == 2 and all(s.shape == base.shape for s in sources):
+            key = (where[0][0], tuple(variables))
+            masks = self._masks.get(key)
+            if masks is None or masks.dtype != base.dtype or masks.device != base.device:
+                masks = self._masks[key] = column_masks(k, [cols for _, cols in where], base)
+            return mix_by_projectors(basis, masks, base, sources)
         feats = None
         for (_, cols), source in zip(where, sources):
             mask = torch.zeros(basis.shape[1], dtype=base.dtype, device=base.device)  # [k]
@@ -168,12 +183,14 @@ class SubspaceAlignment(Trainable):
 
 @dataclass
 class FitResult:
-    """What training did: loss per epoch, steps, seconds, the engine used."""
+    """What training did: loss per epoch, steps, seconds (wall clock and this process's CPU
+    time, which a shared machine's other processes do not inflate), the engine used."""
 
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
     engine: str = ""
+    cpu_seconds: float = 0.0
 
     @property
     def steps_per_second(self) -> float:
@@ -217,7 +234,7 @@ def fit(model: nn.Module, data: CounterfactualData, trainable: Trainable, readou
         labels, n = data.labels, len(data)
         per_epoch = math.ceil(n / cfg.batch_size)
         total, result = cfg.epochs * per_epoch, FitResult(engine=eng.kind)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for epoch in range(cfg.epochs):
             order, running = torch.randperm(n, generator=gen), 0.0
             for b in range(per_epoch):
@@ -234,7 +251,7 @@ def fit(model: nn.Module, data: CounterfactualData, trainable: Trainable, readou
             result.losses.append(running / per_epoch)
             if on_epoch is not None:
                 on_epoch(epoch, result.losses[-1])
-        result.seconds = time.perf_counter() - t0
+        result.seconds, result.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         trainable.schedule(1.0)
     return result
 

@@ -109,6 +109,13 @@ def _train(cmd: SPDCommandConfig, args: argparse.Namespace) -> int:
             raise UsageError("--hf-config needs --sites (module paths, see `mechscope sites --hf-config ...`)")
         cfg = SPDConfig.from_dict({"recon": "kl", "batch_size": 8, **changes})
         model, data = _hf(cmd, cfg.seed)
+    from mechscope.spd.components import SPDError
+    from mechscope.spd.precision import check_dtype
+
+    try:
+        check_dtype(cfg.dtype)  # before any work: bf16 without hardware support is refused
+    except SPDError as e:
+        raise UsageError(str(e)) from None
     from mechscope.core.distributed import is_main
     from mechscope.core.tracking import open_tracker
 

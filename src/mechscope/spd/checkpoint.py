@@ -158,6 +158,8 @@ def fingerprint_of(cfg: SPDConfig, data: Mapping[str, Any] | None = None) -> dic
     """What determines a run's result: the caller's record of the target and its data first
     (``--target``, ``--hf-config``), then the config (seed included) but for :data:`_FREE`."""
     configs = {k: v for k, v in cfg.to_dict().items() if k not in _FREE}
+    if configs.get("dtype") == "float32":  # the precision before the option existed: older runs still resume
+        del configs["dtype"]
     return {**{(f"data.{k}" if k in configs else k): v for k, v in (data or {}).items()}, **configs}
 
 

@@ -49,6 +49,10 @@ class SPDConfig(Config):
     steps: int = param(10_000, ge=0, help="optimiser steps")
     batch_size: int = param(4096, ge=1, help="examples per step (per process under torchrun)")
     seed: int = param(0, ge=0, lt=2**63, help="seed of the initialisation, the data and the masks")
+    dtype: Literal["float32", "bfloat16"] = param(
+        "float32", help="precision of the step's matrix multiplies: float32, or bfloat16 autocast (the reference "
+                        "implementation's default; on CPUs with AVX-512 BF16 or AMX, or a CUDA device with bf16); "
+                        "parameters, optimiser, importance functions and losses stay float32")
     batched_passes: bool = param(True, help="run the stochastic and layerwise forwards as one batched forward "
                                             "that reuses the target's inner activations")
     log_every: int = param(100, ge=1, help="steps between progress lines and history records")

@@ -192,7 +192,10 @@ class Decomposition(nn.Module):
             return self.layer_output(path, inner, mask, None, inner=inner)
         d = delta.unsqueeze(-1)  # [..., 1]
         m = d.new_ones(()) if mask is None else mask
-        out = comps.expand(inner * (m - d)) + d * target_out
+        # under bf16 autocast the module's output is bf16: scale it in bf16 (the random scale has
+        # no gradient), not through a float32 copy of the layer's output and its cast back
+        dt = d.to(target_out.dtype) if target_out.is_floating_point() and not d.requires_grad else d
+        out = comps.expand(inner * (m - d)) + dt * target_out
         bias = self.target_bias(path)
         return out if bias is None else out + (1.0 - d) * bias
 

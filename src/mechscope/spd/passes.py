@@ -171,7 +171,10 @@ class _BatchedLayer:
                     outs.append(dec.layer_output_from_target(self.path, h, self.mask, self.delta, own))
             else:
                 outs.append(self._module_output(original, piece, same))
-        return torch.cat(outs).to(dec.target_weight(self.path).dtype)
+        # the dtype the module itself gives in this precision (its target output's: bf16 for a linear
+        # layer under autocast, so that no float32 copy of the stacked output is made there)
+        dtype = self.known.dtype if self.known is not None else dec.target_weight(self.path).dtype
+        return torch.cat([o.to(dtype) for o in outs])
 
     def _module_output(self, original: Any, piece: Tensor, same: bool) -> Tensor:
         """``W a + b`` on one copy: the target's when the copy's input is, else computed."""
