@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mechscope.bench.real_ioi_data import NAMES, TEMPLATE
-from mechscope.bench.real_ioi_das_data import FILLERS, ioi_causal_model, sample_inputs, to_model_inputs, word_ids
+from mechscope.bench.real_ioi_das_data import (
+    FILLERS,
+    ioi_causal_model,
+    name_readout,
+    sample_inputs,
+    to_model_inputs,
+    word_ids,
+)
 from mechscope.causal.counterfactual import make_counterfactuals
 
 
@@ -25,10 +32,10 @@ def test_p_is_the_repeated_slot_and_the_answer_is_the_other():
     hl = {"N1": torch.tensor([3, 3]), "N2": torch.tensor([5, 5]), "S2": torch.tensor([3, 5]),
           **{s: torch.zeros(2, dtype=torch.long) for s in FILLERS}}
     values = cm.solve(hl)
-    assert values["P"].tolist() == [0, 1] and values["IO"].tolist() == [1, 0]
-    # interchanging P from a prompt that repeats the second name flips the first example's answer
-    src = {**hl, "S2": torch.tensor([5, 5])}
-    assert cm.interchange(hl, {"P": src})["IO"].tolist() == [0, 0]
+    assert values["P"].tolist() == [0, 1] and values["IO"].tolist() == [5, 3]
+    # interchanging P from a prompt that repeats its second name: the base's first name is the answer
+    src = {**hl, "N1": torch.tensor([7, 7]), "N2": torch.tensor([8, 8]), "S2": torch.tensor([8, 8])}
+    assert cm.interchange(hl, {"P": src})["IO"].tolist() == [3, 3]
     with pytest.raises(ValueError, match="S2 must repeat"):
         cm.solve({**hl, "S2": torch.tensor([4, 5])})
 
@@ -47,13 +54,19 @@ def test_tokens_follow_the_template_slot_by_slot():
                                **words)
         rebuilt = "".join(inverse[int(t)] for t in batch["input_ids"][i, 1:])
         assert rebuilt == text and int(batch["input_ids"][i, 0]) == 0
-    assert batch["pair_ids"][:, 0].tolist() == batch["input_ids"][:, 2].tolist()
-    assert batch["pair_ids"][:, 1].tolist() == batch["input_ids"][:, 4].tolist()
+    readout = name_readout(ids["N"])
+    logits = torch.zeros(64, 15, 200)
+    logits[torch.arange(64), -1, batch["input_ids"][:, 4]] = 1.0  # every prompt's second name is the top logit
+    assert readout(logits).argmax(-1).tolist() == hl["N2"].tolist()
 
 
-def test_counterfactual_data_is_balanced_over_answer_and_change():
+def test_counterfactual_data_is_balanced_over_change():
     tok = WordTokenizer()
-    data = make_counterfactuals(ioi_causal_model(), "P", sample_inputs, 200, to_model_inputs(word_ids(tok)), seed=0)
+    data = make_counterfactuals(ioi_causal_model(), "P", sample_inputs, 240, to_model_inputs(word_ids(tok)), seed=0)
     changed = data.labels != data.base_labels
-    assert int(changed.sum()) == 100 and int((data.labels == 0).sum()) == 100
-    assert data.base["input_ids"].shape == (200, 15) and data.sources["P"]["pair_ids"].shape == (200, 2)
+    assert int(changed.sum()) == 120 and torch.bincount(data.labels).tolist() == [6] * 40  # (answer, change) buckets
+    assert data.base["input_ids"].shape == (240, 15)
+    # the counterfactual answer is always one of the base's own two names
+    ids = data.base["input_ids"]
+    names = word_ids(tok)["N"][data.labels]
+    assert bool(((names == ids[:, 2]) | (names == ids[:, 4])).all())

@@ -11,6 +11,8 @@ from mechscope.circuits.cells import head_cells, resid_cells
 from mechscope.circuits.patching import Cell, patch_cells, patch_one_by_one
 from mechscope.core.run import cache
 from mechscope.core.site import Site
+from mechscope.core.structure import structure
+from mechscope.core.suffix import plan_suffix, start_block
 from mechscope.zoo import build
 
 V, T = 23, 9
@@ -93,8 +95,8 @@ def test_the_suffix_path_is_taken(setup, monkeypatch):
     real = suffix.patch
     monkeypatch.setattr(suffix, "patch", lambda state, cells, *a: seen.extend(cells) or real(state, cells, *a))
     cells = _cells(model)
-    patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
-    assert len(seen) == len(cells)
+    got = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
+    assert len(seen) == len(cells) and got.extra["paths"]["suffix"] == len(cells) and "fallback" not in got.extra
     seen.clear()
     patch_cells(model, clean, corrupt, cells, metric, readout=[-1], replay_tail=False)
     assert not seen
@@ -108,26 +110,29 @@ def test_chunks_group_nearby_positions():
 
 
 def test_a_model_the_replay_does_not_know_falls_back(setup):
-    """A hook on a block (which the replay would skip) fails the check: full forwards, same numbers."""
+    """A hook on a block (which the replay would skip) fails the check: slower paths, the
+    same numbers, the reason recorded in the result and warned about."""
     model, clean, corrupt, metric = setup
     cells = resid_cells(model, positions=range(0, T, 2))
+    anchor = (0, Site("blocks.0", io="input"))
     handle = model.blocks[1].register_forward_hook(lambda m, args, out: out.roll(1, dims=-1))
     try:
         ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1])
-        fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
-        with torch.no_grad():
-            acts = cache(model, corrupt, suffix.base_sites(model, 0))
-            logits = model(corrupt)
-        anchor = (0, cache(model, corrupt, [Site("blocks.0", io="input")])[Site("blocks.0", io="input")])
-        assert suffix.plan(model, corrupt, 0, acts, logits, anchor) is None
+        with pytest.warns(UserWarning, match="did not use the suffix replay"):
+            fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
+        based = plan_suffix(model, corrupt, [anchor[1]], [anchor], [-1])
+        assert based.suffix is None and "differs from the model's own logits" in based.reason
     finally:
         handle.remove()
     assert torch.allclose(fast.values, ref.values, atol=1e-5)
-    with torch.no_grad():  # without the hook the same check passes
-        acts, logits = cache(model, corrupt, suffix.base_sites(model, 0)), model(corrupt)
-    assert suffix.plan(model, corrupt, 0, acts, logits, anchor) is not None
-    assert suffix.start_block(model, Site("blocks.1.attn")) is None
-    assert suffix.start_block(model, Site("blocks.1", io="input", heads=[0], head_dim=8)) is None
+    assert fast.extra["paths"]["suffix"] == 0 and "differs" in fast.extra["fallback"]["suffix"]
+    assert ref.extra["paths"] == {"suffix": 0, "tail": 0, "forwards": len(cells)}
+    based = plan_suffix(model, corrupt, [anchor[1]], [anchor], [-1])  # without the hook the same check passes
+    assert based.suffix is not None and based.reason is None and based.suffix.kind == "forward_from"
+    s = structure(model)
+    assert start_block(s, Site("blocks.1.attn")) is None
+    assert start_block(s, Site("blocks.1", io="input", heads=[0], head_dim=8)) is None
+    assert start_block(s, Site("blocks.2")) == 3 and start_block(s, Site("blocks.2", io="input")) == 2
 
 
 def test_attention_only_models_without_layer_norm():

@@ -8,6 +8,7 @@ other rows so that the catalog's one entry registers them all:
 - :mod:`mechscope.bench.real_steering`: steering by difference of means against prompting (row 4).
 - :mod:`mechscope.bench.real_probes`: token-property probes with control tasks (row 5).
 - :mod:`mechscope.bench.real_sae`: a TopK SAE on the residual stream, from a cached store (row 3).
+- :mod:`mechscope.bench.real_das`: DAS localising which IOI name repeats (row 6).
 
 Every threshold is written in the registry with its source before the row first ran,
 with its budget in the row's detail; a finding that is not reproduced stays so. The model
@@ -25,6 +26,7 @@ from mechscope.bench import (
     Criterion,
     Result,
     check,
+    real_das,  # noqa: F401 - registers the DAS-on-IOI rows
     real_induction,  # noqa: F401 - registers the induction rows
     real_ioi,  # noqa: F401 - registers the indirect-object identification rows
     real_probes,  # noqa: F401 - registers the probe rows

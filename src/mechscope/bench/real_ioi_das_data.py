@@ -9,12 +9,14 @@ inputs and the tokens agree by construction. The causal model:
   position 10: always ``N1`` or ``N2``) and the filler slots;
 - ``P``, the position of the repeated name among the two: 0 when ``S2 = N1``, 1 when
   ``S2 = N2`` (the variable DAS localises);
-- the output ``IO``, the slot of the indirect object: ``1 - P`` (0: the model should say
-  ``N1``, 1: ``N2``).
+- the output ``IO``, the indirect object: the name at the slot that does not repeat
+  (``N2`` when ``P = 0``, ``N1`` when ``P = 1``), as an index into ``NAMES``.
 
 Interchanging ``P`` from a source prompt (other names, other fillers) sets the base's
-answer to the base name at the slot the source does not repeat; the model's output is read
-as its logits for the base's two names, ``[logit(N1), logit(N2)]``.
+answer to the base name at the slot the source does not repeat. The model's output is read
+as its logits for the 40 names at the final position (:func:`name_readout`): the model
+answers a name when it is the top one of all the names, so a prompt's two names compete
+with every other name as well.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def ioi_causal_model() -> CausalModel:
         Variable("N1", names), Variable("N2", names), Variable("S2", names),
         *(Variable(slot, tuple(range(len(words)))) for slot, words in FILLERS.items()),
         Variable("P", (0, 1), parents=("N1", "N2", "S2"), mechanism=_repeated_slot),
-        Variable("IO", (0, 1), parents=("P",), mechanism=lambda p: 1 - p),
+        Variable("IO", names, parents=("N1", "N2", "P"), mechanism=_other_name),
     ], output="IO")
 
 
@@ -48,6 +50,18 @@ def _repeated_slot(n1: Tensor, n2: Tensor, s2: Tensor) -> Tensor:
     if not bool(((s2 == n1) | (s2 == n2)).all()):
         raise ValueError("S2 must repeat N1 or N2 in every prompt")
     return (s2 == n2).long()
+
+
+def _other_name(n1: Tensor, n2: Tensor, p: Tensor) -> Tensor:
+    return torch.where(p == 0, n2, n1)
+
+
+def name_readout(name_ids: Tensor) -> Callable[[Tensor], Tensor]:
+    """Model logits ``[batch, pos, vocab]`` -> ``[batch, len(NAMES)]``: the names' logits at the
+    last position (classes in ``NAMES`` order)."""
+    def readout(logits: Tensor) -> Tensor:
+        return logits[:, -1].index_select(-1, name_ids.to(logits.device))
+    return readout
 
 
 def sample_inputs(k: int, gen: torch.Generator) -> dict[str, Tensor]:
@@ -80,8 +94,8 @@ def word_ids(tokenizer: Any) -> dict[str, Tensor]:
 
 
 def to_model_inputs(ids: Mapping[str, Tensor]) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
-    """High-level inputs -> ``{"input_ids" [k, 15], "attention_mask", "pair_ids" [k, 2]}``:
-    the prompt's tokens slot by slot, and the ids of its two names (what the readout reads)."""
+    """High-level inputs -> ``{"input_ids" [k, 15], "attention_mask"}``: the prompt's tokens
+    slot by slot."""
     and_, to, the, comma, a = ids["fixed"].tolist()
 
     def build(hl: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -92,9 +106,9 @@ def to_model_inputs(ids: Mapping[str, Tensor]) -> Callable[[Mapping[str, Tensor]
                               ids["move"][hl["move"]], col(to), col(the), ids["place"][hl["place"]], col(comma),
                               s2, ids["give"][hl["give"]], col(a), ids["obj"][hl["obj"]], col(to)], 1)
         assert tokens.shape[1] == N_TOKENS and bool((tokens[:, S2_POS] == s2).all())
-        return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens),
-                "pair_ids": torch.stack([n1, n2], 1)}
+        return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
     return build
 
 
-__all__ = ["FILLERS", "INPUTS", "N1_POS", "N2_POS", "ioi_causal_model", "sample_inputs", "to_model_inputs", "word_ids"]
+__all__ = ["FILLERS", "INPUTS", "N1_POS", "N2_POS", "ioi_causal_model", "name_readout", "sample_inputs",
+           "to_model_inputs", "word_ids"]

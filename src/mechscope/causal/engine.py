@@ -17,6 +17,7 @@ in, in the alignment's order, and returns the readout's logits ``[batch, classes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,6 +28,8 @@ from mechscope.causal.alignment import Mixer
 from mechscope.causal.counterfactual import CounterfactualData, batch_len, take
 from mechscope.core.replay import ReplayError, no_cache, output_logits, plan_tail
 from mechscope.core.run import batch_info, cache, run
+from mechscope.core.structure import structure
+from mechscope.core.suffix import BaseRun, Suffix, plan_suffix, seq_len, start_block
 from mechscope.core.site import Site
 
 Readout = Callable[[Tensor], Tensor]  # model logits -> [batch, classes]
@@ -179,16 +182,96 @@ class TailEngine:
         return self.readout(self.state.replay(act, idx))
 
 
-Engine = FullEngine | TailEngine
+class SuffixEngine:
+    """The base run once, with its keys and values; per call only positions ``>= p`` of the
+    blocks after the site run (:mod:`mechscope.core.suffix`), ``p`` the first position any
+    variable intervenes on. For a causal language model intervened at its last position this
+    is one position of the later blocks instead of the whole sequence.
+
+    Every variable's site must be a whole block input or output at one block, at fixed
+    positions (the same for every example).
+    """
+
+    kind = "suffix"
+
+    def __init__(self, model: nn.Module, data: CounterfactualData, places: Mapping[str, Site],
+                 readout: Readout = identity_readout, *, base: BaseRun | None = None,
+                 sources: Mapping[str, Tensor] | None = None) -> None:
+        """``base``: a :func:`~mechscope.core.suffix.plan_suffix` run of ``data.base`` that
+        cached the variables' block (one run serves engines at many blocks); ``sources``:
+        each variable's source views at its site ``[n, ...]`` (computed here when absent)."""
+        self.model, self.data, self.places, self.readout = model, data, dict(places), readout
+        self.n = len(data)
+        keys = {s.module_key for s in self.places.values()}
+        if len(keys) != 1:
+            raise ReplayError(f"the variables' sites are at {len(keys)} different modules; the suffix engine needs one")
+        path, io, element, _ = keys.pop()
+        anchor = Site(path, io, element)
+        self.block = start_block(structure(model), anchor)
+        if self.block is None:
+            raise ReplayError(f"{anchor.describe()} is not a block's input or output: the suffix engine replays blocks")
+        if base is None:
+            t = seq_len(data.base) if isinstance(data.base, Mapping) else int(data.base.shape[1])
+            base = plan_suffix(model, data.base, [anchor], [(self.block, anchor)], readout=[t - 1])
+        if base.suffix is None:
+            raise ReplayError(f"no suffix replay on this model: {base.reason}")
+        if anchor not in base.acts or base.suffix.batch != self.n:
+            raise ReplayError(f"the base run given has no activation at {anchor.describe()} for all {self.n} "
+                              f"examples: plan_suffix(model, data.base, sites=[..., {anchor.describe()}], ...)")
+        self.suffix, self.anchor = base.suffix, base.acts[anchor]  # [n, pos, d]
+        info = batch_info(data.base)
+        self.index = {s: s.resolve_positions(self.anchor, info) for s in set(self.places.values())}
+        starts = [int(i.min()) for i in self.index.values() if i is not None]
+        if len(starts) != len(self.index) or any(bool((i != i[:1]).any()) for i in self.index.values()):
+            raise ReplayError("the suffix engine needs every variable's site at fixed positions (positions=(p, ...))")
+        self.start = min(starts)
+        self.sources = dict(sources) if sources is not None else {
+            v: torch.cat([cache(model, no_cache(model, take(data.sources[v], i)), [site])[site]
+                          for i in _chunks(self.n, 256)]) for v, site in self.places.items()}
+
+    def source_views(self, variable: str, idx: Tensor) -> Tensor:
+        return self.sources[variable].index_select(0, idx)
+
+    def base_views(self, site: Site, idx: Tensor) -> Tensor:
+        return site.select(self.anchor.index_select(0, idx), self.index[site].index_select(0, idx))
+
+    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None) -> Tensor:
+        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once)."""
+        act = self.anchor.index_select(0, idx)
+        groups = ([([v], site) for v, site in self.places.items()] if site_mixer is None else
+                  [(names, site) for site, names in group_by_site(self.places).items()])
+        for names, site in groups:
+            index = self.index[site].index_select(0, idx)
+            sources = [self.sources[v].index_select(0, idx) for v in names]
+            view = site.select(act, index)
+            new = mixer(names[0], view, sources[0]) if site_mixer is None else site_mixer(names, view, sources)
+            act = site.scatter(act, index, new)
+        rows = _suffix_rows(self.suffix, idx)
+        return self.readout(rows.logits_from([(self.block, act[:, self.start:])], self.start))
+
+
+def _suffix_rows(suffix: Suffix, idx: Tensor) -> Suffix:
+    """The base run's state for examples ``idx`` only (their keys, values, inputs and logits)."""
+    b = suffix.batch
+    pick = lambda v: v.index_select(0, idx) if isinstance(v, Tensor) and v.dim() and v.shape[0] == b else v  # noqa: E731
+    return dataclasses.replace(suffix, logits=suffix.logits.index_select(0, idx),
+                               kv=[(pick(k), pick(v)) for k, v in suffix.kv],
+                               inputs={n: pick(v) for n, v in suffix.inputs.items()})
+
+
+Engine = FullEngine | TailEngine | SuffixEngine
 
 
 def make_engine(model: nn.Module, data: CounterfactualData, places: Mapping[str, Site],
                 readout: Readout = identity_readout, kind: str = "auto") -> Engine:
-    """``"tail"`` (error if impossible), ``"full"``, or ``"auto"`` (tail, else full, logged)."""
-    if kind not in ("auto", "tail", "full"):
-        raise ValueError(f"engine must be 'auto', 'tail' or 'full', got {kind!r}")
+    """``"tail"`` or ``"suffix"`` (error if impossible), ``"full"``, or ``"auto"`` (tail, else
+    full, logged)."""
+    if kind not in ("auto", "tail", "full", "suffix"):
+        raise ValueError(f"engine must be 'auto', 'tail', 'suffix' or 'full', got {kind!r}")
     if kind == "full":
         return FullEngine(model, data, places, readout)
+    if kind == "suffix":
+        return SuffixEngine(model, data, places, readout)
     try:
         return TailEngine(model, data, places, readout)
     except ReplayError as e:

@@ -31,6 +31,7 @@ from mechscope.circuits.patching import (Cell, Direction, Metric, PatchResult, a
                                          by_site, check_positions, normalised_score)
 from mechscope.circuits.readout import Head, find_head, read_positions
 from mechscope.core.run import HookCall, NonFiniteActivationError, logits_of, run
+from mechscope.core.suffix import keep_read, metric_view
 
 
 class GradCapture:
@@ -94,9 +95,10 @@ def attribution_patching(model: nn.Module, clean: Any, corrupt: Any, cells: Sequ
     base, source, sites = base_and_source(clean, corrupt, direction, cells, "attribution_patching")
     head = find_head(model, sites) if readout is not None else None
     with torch.no_grad():  # one forward on the source: its output, its activations, and a check of the head
-        out, src = run(model, source, cache=list(dict.fromkeys(sites + ([head.anchor] if head else []))),
+        src_in, done = keep_read(model, source, readout)  # logits_to_keep: the unembedding at the readout only
+        out, src = run(model, src_in, cache=list(dict.fromkeys(sites + ([head.anchor] if head else []))),
                        check_finite=False)  # the estimates are checked at the end
-        logits = read_positions(logits_of(out), readout)
+        logits = metric_view(out, readout, done)
         m_source = float(metric(logits))
         if head is not None and not head.reproduces(src[head.anchor], readout, source, logits):
             head = None

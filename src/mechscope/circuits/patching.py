@@ -18,10 +18,12 @@ intervention that produced it.
 
 Speed: ``k`` cells are patched in one forward of a batch repeated ``k`` times; each
 copy of the batch carries its own cell's patch (one hook per module, one indexed write).
-Residual-stream cells replay only what their patch can change: the blocks after the
-site, and on the zoo transformer only the positions from the patched one on
-(:mod:`mechscope.circuits.suffix`); with a ``readout`` only the positions the metric
-reads are unembedded. Positions are absolute indices into the sequence (clean and
+Residual-stream cells replay only what their patch can change: the positions from the
+patched one on, of the blocks after the site, from the base run's keys and values
+(:mod:`mechscope.circuits.suffix` on :mod:`mechscope.core.suffix`: the built-in
+transformer and Hugging Face causal LMs); with a ``readout`` only the positions the metric
+reads are unembedded. Which path patched how many cells, and why a faster one was refused,
+is in the result's ``extra``. Positions are absolute indices into the sequence (clean and
 corrupt batches must have the same shape, as patching needs aligned positions).
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -40,6 +43,8 @@ from mechscope.core.intervene import Replace
 from mechscope.core.replay import Replay, ReplayError, plan_tail
 from mechscope.core.run import HookCall, cache, call_model, logits_of, run
 from mechscope.core.site import Site, SiteError
+from mechscope.core.structure import structure
+from mechscope.core.suffix import BaseRun, keep_read, plain_base, plan_suffix, start_block
 
 Direction = Literal["denoise", "noise"]
 Metric = Callable[[Any], Tensor]  # model output for one batch -> scalar
@@ -116,7 +121,9 @@ def repeat_batch(inputs: Any, k: int) -> Any:
     """The batch repeated ``k`` times along dim 0 (copy j is rows j*B .. (j+1)*B - 1)."""
     if isinstance(inputs, Tensor):
         return inputs.repeat(k, *([1] * (inputs.dim() - 1)))
-    return {n: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) else v for n, v in inputs.items()}
+    # logits_to_keep names positions, not rows: it is the same for every copy
+    return {n: v.repeat(k, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and n != "logits_to_keep" else v
+            for n, v in inputs.items()}
 
 
 def _check_pair(clean: Any, corrupt: Any) -> None:
@@ -199,114 +206,148 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     """Patch every cell (one at a time) and score it.
 
     ``cells_per_forward`` cells share a forward (default: as many as fit in ``max_rows``
-    sequences). With ``replay_tail``, cells on a block's input or output (the residual
-    stream) do not run the whole model: on the zoo transformer, a cell at position p runs
-    only positions >= p of the blocks after it, from the base run's keys and values
-    (:mod:`mechscope.circuits.suffix`); elsewhere (Hugging Face models, ...) it runs the
-    blocks after it on the base run's activation with the patch written in
-    (:mod:`mechscope.core.replay`). Both check that their replay reproduces the model's own
-    logits; where one cannot, the full forward is used: the numbers are the same.
+    sequences). With ``replay_tail``, a cell on a block's input or output (the residual
+    stream) at position p runs only positions >= p of the blocks after it, from the base
+    run's keys and values (:mod:`mechscope.core.suffix`: the built-in transformer and
+    Hugging Face causal LMs); a residual cell without a position runs the blocks after it
+    (:mod:`mechscope.core.replay`); other cells run whole forwards of a repeated batch. Each
+    replay is checked against the model's own logits first and, where it cannot be
+    established, the next path runs: the numbers are the same. The result's
+    ``extra["paths"]`` counts the cells each path patched and ``extra["fallback"]`` gives
+    the reasons a replay was refused (residual cells that fell back also warn).
     ``readout``: the positions whose logits the metric reads (it then gets ``[batch,
-    len(readout), vocab]``); replays apply the final norm and unembedding there only.
+    len(readout), vocab]``); replays (and models taking ``logits_to_keep``) apply the final
+    norm and unembedding there only.
     """
     base, source, sites = base_and_source(clean, corrupt, direction, cells, "patch_cells")
     values = torch.empty(len(cells), dtype=torch.float64)
+    paths, notes = {"suffix": 0, "tail": 0, "forwards": 0}, {}
     with torch.no_grad():
-        out_source, src = run(model, source, cache=sites)  # the source's metric and activations
+        src_in, src_done = keep_read(model, source, readout)
+        out_source, src = run(model, src_in, cache=sites)  # the source's metric and activations
         check_positions(cells, src)
-        out_base, fast, state, base_acts = _base_run(model, base, cells, replay_tail)
-        m_base, m_source = _metric(metric, _read(out_base, readout)), _metric(metric, _read(out_source, readout))
+        fast = _suffix_sites(model, cells, notes) if replay_tail else {}
+        based = _base_run(model, base, sites, fast, readout)
+        if based.reason is not None:
+            notes["suffix"] = based.reason
+        m_base = _metric(metric, based.logits)
+        m_source = _metric(metric, logits_of(out_source) if src_done else _read(out_source, readout))
         m_clean, m_corrupt = (m_source, m_base) if direction == "denoise" else (m_base, m_source)
         normalised_score(torch.zeros(1), m_clean, m_corrupt)  # refuse inputs no patch can be scored on
         b = batch_size_of(base)
         k_max = cells_per_forward or max(1, max_rows // b)
         score = lambda i, logits: values.__setitem__(i, _metric(metric, logits))  # noqa: E731
-        mine = [(i, fast[c.site], c.position) for i, c in enumerate(cells) if c.site in fast and c.position is not None]
+        on_suffix = based.suffix is not None
+        mine = [(i, fast[c.site], c.position) for i, c in enumerate(cells) if on_suffix and c.site in fast
+                and c.position is not None]
         if mine:
-            suffix.patch(state, mine, {i: base_acts[cells[i].site] for i, _, _ in mine},
-                         {i: src[cells[i].site] for i, _, _ in mine}, score, k_max, readout)
-        rest = [i for i, c in enumerate(cells) if not (c.site in fast and c.position is not None)]
-        tails = _tails(model, base, list(dict.fromkeys(cells[i].site for i in rest))) if replay_tail and rest else {}
-        _patch_by_forwards(model, base, src, cells, [i for i in rest if tails.get(cells[i].site) is None],
-                           score, k_max, b, readout)
+            suffix.patch(based.suffix, mine, {i: based.acts[cells[i].site] for i, _, _ in mine},
+                         {i: src[cells[i].site] for i, _, _ in mine}, score, k_max)
+        done = {i for i, _, _ in mine}
+        rest = [i for i in range(len(cells)) if i not in done]
+        tails = _tails(model, base, list(dict.fromkeys(cells[i].site for i in rest)), notes) \
+            if replay_tail and rest else {}
+        by_forward = [i for i in rest if tails.get(cells[i].site) is None]
+        _patch_by_forwards(model, base, src, cells, by_forward, score, k_max, b, readout)
         left = set(rest)
         for site, tail in tails.items():
             _patch_by_tail(tail, site, src[site], [c if i in left else None for i, c in enumerate(cells)],
                            metric, values, k_max, b, readout)
-    return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction))
+    paths.update(suffix=len(mine), tail=len(rest) - len(by_forward), forwards=len(by_forward))
+    _say_fallbacks(cells, fast, rest, notes)
+    extra = {"paths": paths, **({"fallback": notes} if notes else {})}
+    return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction), extra)
 
 
-def _base_run(model: nn.Module, base: Any, cells: Sequence[Cell], replay_tail: bool) -> tuple[Any, dict, Any, dict]:
-    """The base run: its output and, where the suffix replay applies (checked), the sites it
-    patches (with the block each feeds), its state and the base activations it reads."""
-    fast = _suffix_sites(model, cells) if replay_tail else {}
+def _say_fallbacks(cells: Sequence[Cell], fast: dict[Site, int], rest: Sequence[int], notes: dict[str, str]) -> None:
+    """A warning when residual cells with a position could not take the suffix replay."""
+    missed = [i for i in rest if cells[i].site in fast and cells[i].position is not None]
+    if missed and notes:
+        warnings.warn(f"patch_cells: {len(missed)} residual-stream cell(s) did not use the suffix replay "
+                      f"({'; '.join(f'{k}: {v}' for k, v in notes.items())}); they ran by slower paths with the "
+                      "same numbers (the result's extra['paths'] says which)", stacklevel=3)
+
+
+def _base_run(model: nn.Module, base: Any, sites: Sequence[Site], fast: dict[Site, int],
+              readout: Sequence[int] | None) -> BaseRun:
+    """The base run: its output, its logits as the metric reads them, the cells' base
+    activations and, where the suffix replay applies (checked), its state."""
     if not fast:
-        return call_model(model, base), {}, None, {}
-    first = min(fast.values())
-    # the replays' inputs need no finiteness check of their own: a NaN there reaches the
-    # base metric, which normalised_score refuses
-    out, acts = run(model, base, cache=list(dict.fromkeys([*fast, *suffix.base_sites(model, first)])),
-                    check_finite=False)
-    site0 = next(iter(fast))
-    state = suffix.plan(model, base, first, acts, logits_of(out), (fast[site0], acts[site0]))
-    return (out, fast, state, acts) if state is not None else (out, {}, None, {})
+        return plain_base(model, base, sites, readout)
+    ends = dict.fromkeys([min(fast.values()), max(fast.values())])  # the shallowest and deepest start blocks
+    anchors = [(block, next(site for site, b in fast.items() if b == block)) for block in ends]
+    return plan_suffix(model, base, list(dict.fromkeys([*sites, *fast])), anchors, readout)
 
 
 def _patch_by_forwards(model: nn.Module, base: Any, src: dict[Site, Tensor], cells: Sequence[Cell], todo: list[int],
                        score: Callable[[int, Any], None], k_max: int, b: int, readout: Sequence[int] | None) -> None:
     """Cells ``todo`` by whole forwards of the repeated base batch, ``k_max`` cells each."""
+    if not todo:
+        return
+    base_in, done = keep_read(model, base, readout)  # a model taking logits_to_keep unembeds the read positions only
     for start in range(0, len(todo), k_max):
         chunk = todo[start:start + k_max]
         writes = {}
         for site in dict.fromkeys(cells[i].site for i in chunk):
             idx = [j for j, i in enumerate(chunk) if cells[i].site == site]
             writes[site] = _CellWrites(src[site], idx, [cells[chunk[j]].position for j in idx], len(chunk))
-        out, _ = run(model, repeat_batch(base, len(chunk)), writes)
+        out, _ = run(model, repeat_batch(base_in, len(chunk)), writes)
         for j, i in enumerate(chunk):
-            score(i, _read(_rows(out, j, b), readout))
+            rows = _rows(out, j, b)
+            score(i, rows if done else _read(rows, readout))
 
 
-def _suffix_sites(model: nn.Module, cells: Sequence[Cell]) -> dict[Site, int]:
-    """Sites whose positioned cells the suffix replay can patch, with the block each feeds."""
-    if not suffix.supports(model):
+def _suffix_sites(model: nn.Module, cells: Sequence[Cell], notes: dict[str, str]) -> dict[Site, int]:
+    """Sites whose positioned cells the suffix replay may patch, with the block each feeds."""
+    if not any(c.position is not None for c in cells):
+        return {}
+    try:
+        s = structure(model)
+    except Exception as e:  # noqa: BLE001 - any model the probe cannot read takes the other paths, said
+        notes["suffix"] = f"no structure found: {type(e).__name__}: {e}"
         return {}
     out = {}
     for c in cells:
         if c.position is not None and c.site not in out:
-            block = suffix.start_block(model, c.site)
+            block = start_block(s, c.site)
             if block is not None:
                 out[c.site] = block
     return out
 
 
-def _tails(model: nn.Module, base: Any, sites: Sequence[Site]) -> dict[Site, Replay]:
+def _tails(model: nn.Module, base: Any, sites: Sequence[Site], notes: dict[str, str]) -> dict[Site, Replay]:
     """Verified replays of the blocks after each residual-stream site, from one precompute.
 
     The first block site's tail (:func:`mechscope.core.replay.plan_tail`, verified against
     the model's own logits) records every later block's arguments; the tails of later
     sites reuse those records with their own base activation. Sites that are not a whole
-    block input or output (or a model the tail cannot replay) are left out: full forwards.
+    block input or output are left out (full forwards); a model the tail cannot replay
+    leaves its reason in ``notes``.
     """
     whole = [s for s in sites if s.heads is None and s.features is None]
     params = inspect.signature(model.forward).parameters
     if isinstance(base, Tensor) and "use_cache" in params:  # a KV cache must not be recorded and replayed
         base = {next(iter(params)): base, "use_cache": False}
-    first = None
+    first, why = None, []
     for site in whole:
         try:
             tail = plan_tail(model, site, base)
-        except ReplayError:
+        except ReplayError as e:
+            why.append(f"{site.describe()}: {e}")
             continue
         if tail.kind == "blocks":
             first = (site, tail)
             break
     if first is None:
+        if why:
+            notes["tail"] = why[0]
         return {}
     site0, tail0 = first
     paths = [p for p, _ in tail0.modules]
     try:
         state0 = tail0.precompute(base)
-    except ReplayError:
+    except ReplayError as e:
+        notes["tail"] = str(e)
         return {}
     later = [s for s in whole if s != site0 and s.path in paths and s.element in (None, 0)]
     acts = cache(model, base, later) if later else {}

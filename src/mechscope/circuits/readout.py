@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mechscope.circuits import suffix
 from mechscope.core import aliases
 from mechscope.core.replay import chain, error_scale
 from mechscope.core.site import Site
 from mechscope.core.structure import structure
+from mechscope.core.suffix import has_forward_from
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def find_head(model: nn.Module, sites: Sequence[Site] = ()) -> Head | None:
     if any(not site.path or any(site.path == p or site.path.startswith(p + ".") for p in after) for site in sites):
         return None
     inside = any(site.path.startswith(last + ".") or (site.path == last and site.io == "output") for site in sites)
-    if suffix.supports(model) and not inside:
+    if has_forward_from(model, s) and not inside:
         return Head(Site(last, io="input"), modules, model.get_submodule(last))
     return Head(aliases.resid_post(s, -1).replace(name=None), modules)
 

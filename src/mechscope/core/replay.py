@@ -129,6 +129,19 @@ def output_logits(output: Any) -> Tensor:
     raise ReplayError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
+def kept_positions(inputs: Any, t: int) -> list[int] | None:
+    """The positions a ``logits_to_keep`` in ``inputs`` keeps (None: every position), as the
+    model returns their logits (Hugging Face: an int keeps the last ones, a 1-D tensor those)."""
+    keep = inputs.get("logits_to_keep") if isinstance(inputs, Mapping) else None
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        return None
+    if isinstance(keep, int):
+        return list(range(t - keep, t))
+    if isinstance(keep, Tensor) and keep.dim() == 1:
+        return [int(p) % t for p in keep.tolist()]
+    raise ReplayError(f"logits_to_keep must be an int or a 1-D tensor of positions here, got {keep!r}")
+
+
 def no_cache(model: nn.Module, inputs: Any) -> Any:
     """Inputs with ``use_cache=False`` for models that take it (a KV cache must not be replayed)."""
     if isinstance(inputs, Mapping) and "use_cache" not in inputs:
@@ -204,7 +217,10 @@ class Tail:
                               "a block that runs more than once per forward cannot be replayed")
         records = tuple((c.args, c.kwargs) for c in sorted(calls, key=lambda c: c.start))
         anchor = acts[self.anchor]
-        state = Replay(self, anchor, records, output_logits(out), int(anchor.shape[0]))
+        # a model asked for some positions' logits only: the replay reads the same ones
+        keep = kept_positions(inputs, anchor.shape[1]) if anchor.dim() >= 2 else None
+        state = Replay(self, anchor, records, output_logits(out), int(anchor.shape[0]),
+                       None if keep is None else tuple(keep))
         state.verify(verify_rows)
         return state
 
@@ -218,11 +234,15 @@ class Replay:
     records: tuple[tuple[tuple, Mapping[str, Any]], ...]  # per tail block: (args, kwargs) of its recorded call
     logits: Tensor  # [n, ...] the model's own output on the unmodified inputs
     n: int
+    keep: tuple[int, ...] | None = None  # the positions whose logits the model returns (logits_to_keep)
 
     def replay(self, act: Tensor, idx: Tensor, readout: Sequence[int] | None = None) -> Tensor:
         """Logits for rows ``idx`` when the anchor activation is ``act`` ([len(idx), ...]);
         with ``readout``, at those positions only ([rows, len(readout), ...]): a block stack
-        then runs its final norm and unembedding there only."""
+        then runs its final norm and unembedding there only. Where the inputs carried
+        ``logits_to_keep``, positions index the kept ones, as in the model's own output."""
+        if self.keep is not None:
+            readout = list(self.keep) if readout is None else [self.keep[r] for r in readout]
         x = act
         if self.plan.kind == "chain":
             for _, module in self.plan.modules:  # a plain loop: this runs in every DAS step
@@ -242,7 +262,7 @@ class Replay:
         paths = [p for p, _ in self.plan.modules]
         k = paths.index(site.path) + (1 if site.io == "output" else 0)
         plan = Tail(self.plan.model, site, "blocks", self.plan.modules[k:], self.plan.finals)
-        return Replay(plan, act, self.records[k:], self.logits, self.n)
+        return Replay(plan, act, self.records[k:], self.logits, self.n, self.keep)
 
     def verify(self, rows: int) -> None:
         """The replay on unmodified activations must give the model's own logits."""
@@ -327,10 +347,13 @@ def _chain_after(model: nn.Module, anchor: Site, example: Any) -> Tail | str:
 
 def _blocks_after(model: nn.Module, anchor: Site, example: Any) -> Tail | str:
     """A block-stack tail (``structure`` finds the blocks, final norm, unembedding), or why not."""
-    try:
-        s = structure(model, example=no_cache(model, example))
-    except (StructureError, TypeError, ValueError) as e:
-        return f"no structure found: {e}"
+    try:  # the cached structure (the user's overrides included), else one probed on this input
+        s = structure(model)
+    except (StructureError, TypeError, ValueError):
+        try:
+            s = structure(model, example=no_cache(model, example))
+        except (StructureError, TypeError, ValueError) as e:
+            return f"no structure found: {e}"
     if not s.blocks_path or not s.n_layers:
         return "no block list found"
     paths = [b.path for b in s.blocks]
