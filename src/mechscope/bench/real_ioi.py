@@ -79,13 +79,12 @@ def _metric(io: Tensor, s: Tensor):
     return metric
 
 
-def _inputs(batch: dict[str, Tensor], rows: slice, device: str, last_only: bool = True) -> dict[str, Any]:
-    """``last_only``: ``logits_to_keep=1``, Gemma unembeds the last position only (a whole forward
-    of a repeated batch would otherwise compute 262k logits at every position). Residual cells
-    go without it: their tail replay checks itself against logits at every position and falls
-    back to whole forwards when they are missing (same numbers, slower)."""
+def _inputs(batch: dict[str, Tensor], rows: slice, device: str) -> dict[str, Any]:
+    """``logits_to_keep=1``: Gemma unembeds the last position only (a whole forward of a
+    repeated batch would otherwise compute 262k logits at every position); the residual cells'
+    suffix replay reads the same kept position."""
     out = {"input_ids": batch["input_ids"][rows].to(device), "attention_mask": batch["attention_mask"][rows].to(device)}
-    return {**out, "logits_to_keep": 1} if last_only else out
+    return {**out, "logits_to_keep": 1}
 
 
 def _prompts(ctx: Any, tok: Any) -> dict[str, Any]:
@@ -129,8 +128,7 @@ def _patch_each(ctx: Any, model: Any, data: dict[str, Any]) -> dict[str, Any]:
         rows = slice(i, i + 1)
         c, k = _inputs(data["clean"], rows, ctx.device), _inputs(data["corrupt"], rows, ctx.device)
         metric = _metric(data["io"][rows].to(ctx.device), data["s"][rows].to(ctx.device))
-        r_resid = patch_cells(model, _inputs(data["clean"], rows, ctx.device, False),
-                              _inputs(data["corrupt"], rows, ctx.device, False), resid, metric, readout=[-1])
+        r_resid = patch_cells(model, c, k, resid, metric, readout=[-1])
         r_heads = patch_cells(model, c, k, heads, metric, direction="denoise", readout=[-1])
         a = attribution_patching(model, c, k, cells, metric, direction="denoise", readout=[-1])
         real.append(torch.cat([r_resid.values, r_heads.values])), est.append(a.values)
