@@ -74,6 +74,8 @@ def one_line_error(capsys, argv):
     (["hypothesis", "scrub", "--world", "induction", "--hypothesis", "v_composition"],
      "is neither a hypothesis of induction (k_composition, q_composition) nor a JSON file"),
     (["hypothesis", "test", "--hypothesis", "/nonexistent/h.json"], "No such file or directory"),
+    (["hypothesis", "disentangle", "--world", "induction"], "disentangle runs on ravel"),
+    (["hypothesis", "disentangle", "--world", "ravel", "--hypothesis", "a.json"], "--hypothesis and --rival are for"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, argv)
@@ -118,3 +120,29 @@ def test_a_scrubbing_file_whose_graph_is_not_a_subgraph_exits_2(tmp_path, capsys
     err = one_line_error(capsys, ["hypothesis", "scrub", "--world", "hierarchical_equality", "--hypothesis",
                                   write(tmp_path, "k.json", spec), "--inputs", "100"])
     assert "key 'WZ' is not one of this world's: ['O', 'WX', 'WX+YZ', 'YZ']" in err
+
+
+def test_disentangle_prints_the_bench_table(capsys, monkeypatch):
+    """The command prints the bench's RAVEL table (computed by bench.ravel_checks.table, not here)."""
+    from mechscope.bench import ravel_checks
+    from mechscope.causal.disentangle import DisentangleResult, Score
+
+    def result(c, i):
+        return DisentangleResult(Score(c, (c - 0.1, c), 10), Score(i, (i - 0.1, i), 10),
+                                 Score((c + i) / 2, ((c + i) / 2 - 0.05, (c + i) / 2 + 0.05), 20), {}, {}, {}, {})
+
+    calls = []
+
+    def table(seed, full):
+        calls.append((seed, full))
+        return {"results": {"das": result(0.5, 0.9), "sae": result(0.0, 1.0)},
+                "controls": {"full_vector": result(0.8, 0.2)}, "setting": "reduced", "site": "blocks.0"}
+
+    monkeypatch.setattr(ravel_checks, "table", table)
+    assert main(["hypothesis", "disentangle", "--world", "ravel", "--seed", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert calls == [(3, False)] and out[0].startswith("RAVEL world (reduced setting, seed 3)")
+    assert out[2].split() == ["das", "0.500", "0.900", "0.700", "[0.650,", "0.750]"]
+    assert out[4].split()[:3] == ["control:", "full_vector", "0.800"]
+    assert main(["hypothesis", "disentangle", "--world", "ravel", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sae"]["cause"]["value"] == 0.0

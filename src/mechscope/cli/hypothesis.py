@@ -1,9 +1,10 @@
-"""``mechscope hypothesis test|compare|scrub``: state a hypothesis about a built-in network and test it.
+"""``mechscope hypothesis test|compare|scrub|disentangle``: state a hypothesis about a built-in network and test it.
 
 ``test`` prints IIA of each variable alone and all together with 95 % intervals; ``compare``
 scores two rival hypotheses on the same pairs with a paired bootstrap of the IIA
 difference; ``scrub`` runs causal scrubbing and prints the fraction of the loss recovered
-beside the full-scrub and clean losses.
+beside the full-scrub and clean losses; ``disentangle`` prints RAVEL's Cause, Isolate and
+Disentangle of every featurizer on the RAVEL world (the bench's table).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ same pairs, or run causal scrubbing over a network's graph.
   scrub    --world induction|hierarchical_equality [--hypothesis NAME|FILE]
            fraction of the loss recovered (built-in names: induction k_composition,
            q_composition; hierarchical_equality wx_and_yz, wx_only, yz_only)
+  disentangle --world ravel [--full]
+           Cause, Isolate and Disentangle of neurons, PCA, DAS, multi-task DAS, DBM, SAE
+           latents and the featurizer trained on interventions, with the controls
 
 Worlds for test/compare: rival_variables (causal models S, T; sites acts.0..2, XY block =
 units 0..15 of acts.0/acts.1), hierarchical_equality (causal model "default"; sites
@@ -63,6 +67,7 @@ class HypothesisConfig(Config):
     pairs: int = param(400, ge=2, help="test/compare: counterfactual pairs")
     inputs: int = param(0, ge=0, help="scrub: inputs in the pool (0: the world's default)")
     seed: int = param(0, ge=0, help="seed of the data, the resampling and the bootstrap")
+    full: bool = param(False, help="disentangle: retrain the world and fit at the published setting (slow)")
     json: bool = param(False, help="print the result as JSON")
 
 
@@ -72,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub = parser.add_subparsers(dest="hypothesis_command", metavar="ACTION", required=True)
     for action, text in (("test", "IIA of a hypothesis's variables, alone and together"),
                          ("compare", "two rival hypotheses on the same pairs"),
-                         ("scrub", "causal scrubbing: fraction of the loss recovered")):
+                         ("scrub", "causal scrubbing: fraction of the loss recovered"),
+                         ("disentangle", "RAVEL's Cause / Isolate / Disentangle of every featurizer")):
         p = sub.add_parser(action, help=text, description=DESCRIPTION,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p, HypothesisConfig)
@@ -82,7 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(HypothesisConfig, args)
     # hypothesis, scrubbing and site errors carry their fix: mechscope.cli.errors prints them on one line (exit 2)
-    return {"test": _test, "compare": _compare, "scrub": _scrub}[args.hypothesis_command](cfg)
+    return {"test": _test, "compare": _compare, "scrub": _scrub,
+            "disentangle": _disentangle}[args.hypothesis_command](cfg)
 
 
 def _world(cfg: HypothesisConfig) -> dict[str, Any]:
@@ -175,4 +182,25 @@ def _scrub(cfg: HypothesisConfig) -> int:
                          f"({', '.join(world.hypotheses)}) nor a JSON file")
     res = scrub(world.model, world.inputs, world.graph, h, world.loss, seed=cfg.seed)
     print(json.dumps(res.to_dict(), indent=2) if cfg.json else res.summary())
+    return 0
+
+
+def _disentangle(cfg: HypothesisConfig) -> int:
+    from mechscope.bench import ravel_checks  # an SAE and a causal search meet: composed in the bench
+
+    if cfg.world != "ravel":
+        raise UsageError(f"--world {cfg.world!r}: disentangle runs on ravel")
+    if cfg.hypothesis is not None or cfg.rival is not None:
+        raise UsageError("disentangle scores the built-in featurizers; --hypothesis and --rival are for "
+                         "test, compare and scrub")
+    t = ravel_checks.table(cfg.seed, cfg.full)
+    rows = {**t["results"], **{f"control: {k}": v for k, v in t["controls"].items()}}
+    if cfg.json:
+        print(json.dumps({k: v.to_dict() for k, v in rows.items()}, indent=2))
+        return 0
+    print(f"RAVEL world ({t['setting']} setting, seed {cfg.seed}), places at {t['site']}; held-out entities")
+    print(f"{'featurizer':<26}{'Cause':>8}{'Isolate':>9}  {'Disentangle [95 % CI]':<28}")
+    for name, r in rows.items():
+        lo, hi = r.disentangle.interval
+        print(f"{name:<26}{r.cause.value:>8.3f}{r.isolate.value:>9.3f}  {r.disentangle.value:.3f} [{lo:.3f}, {hi:.3f}]")
     return 0
