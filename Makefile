@@ -11,7 +11,7 @@ PIP    := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
 # one stamp per torch spec, so that changing TORCH or pyproject.toml reinstalls
 STAMP  := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
-.PHONY: venv test bench bench-real bench-perf clean
+.PHONY: venv test bench bench-real bench-perf bench-peers clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,14 @@ bench-perf: $(STAMP)
 	  echo "== $$script"; $(VENV)/bin/python "$$script" || failed="$$failed $$script"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks missing their targets:$$failed"; exit 1; fi
+
+# mechscope beside its peers (issue 22), never part of CI or `make test`: one virtual environment per
+# peer group under .peers/ (pyvene; TransformerLens with nnsight; SAELens with EleutherAI's sparsify:
+# their pins conflict), each with $(TORCH) first, then mechscope (editable) and the peers; then one
+# table of interleaved timings (peers-out/peers.md). On 2 shared cores: 9 minutes to install (once), 8-13 to run.
+bench-peers:
+	@benchmarks/peers/install.sh '$(PYTHON)' '$(TORCH)' pyvene tl sae
+	@$(PYTHON) benchmarks/peers/run.py --peers .peers --out peers-out
 
 clean:
 	rm -rf bench-out bench-real-out build dist .pytest_cache src/*.egg-info
