@@ -30,7 +30,6 @@ from torch.nn.utils import parametrize
 from mechscope.causal.alignment import Alignment, AlignmentError, Place, interchange_features
 from mechscope.causal.counterfactual import CounterfactualData
 from mechscope.causal.engine import Engine, Readout, group_by_site, identity_readout, make_engine
-from mechscope.causal.projection import column_masks, mix_by_projectors
 from mechscope.causal.stiefel import StiefelSubspace
 from mechscope.core.config import Config, ConfigError, config, param
 from mechscope.core.featurize import Featurizer, Rotation, Subspace
@@ -117,7 +116,6 @@ class SubspaceAlignment(Trainable):
         self.sites, self.dims, self.kind = dict(sites), dict(dims), kind
         self.featurizers = nn.ModuleList()
         self._where: dict[str, tuple[int, tuple[int, ...]]] = {}
-        self._masks: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # mix_site's column masks, per call shape
         for i, (site, names) in enumerate(by_site(self.sites).items()):
             d, total = widths[site], sum(self.dims[v] for v in names)
             if any(self.dims[v] < 1 for v in names):
@@ -137,28 +135,16 @@ class SubspaceAlignment(Trainable):
         return interchange_features(self.featurizers[i], feats, base, source)
 
     def mix_site(self, variables: Sequence[str], base: Tensor, sources: Sequence[Tensor]) -> Tensor:
-        """The variables of one basis at once: ``x_b + sum_v (x_v - x_b) B_v B_vᵀ``.
+        """The variables of one basis in one projection: ``x_b + (sum_v ((x_v - x_b) B) * m_v) Bᵀ``.
 
-        ``B_v`` are the columns of variable ``v``. Because the columns are orthonormal and
-        disjoint this equals applying :meth:`mix` variable by variable (up to rounding).
-        Where the basis is nearly square (``V d <= 2 k`` for ``V`` variables, ``k`` columns
-        in all, as in a full rotation) the offsets multiply the ``d x d`` projectors
-        ``B_v B_vᵀ`` in one matrix product, ``x_b + [x_1 - x_b | ... ] [P_1; ...]``: one
-        product forward and one (for the projectors' gradient) backward, where projecting
-        and decoding take three of each (:mod:`mechscope.causal.projection`); otherwise
-        each source's offset is encoded once and the sum decoded once.
+        ``m_v`` masks the columns of variable ``v``. Because the columns are orthonormal and
+        disjoint this equals applying :meth:`mix` variable by variable (up to rounding) with
+        one encoding per source and a single decoding, which is faster (``docs/results.md``).
         """
         where = [self._where[v] for v in variables]
         if len(variables) < 2 or len({i for i, _ in where}) > 1:
             return super().mix_site(variables, base, sources)
         basis = self.featurizers[where[0][0]].basis().to(base.dtype)  # [d, k]
-        d, k = basis.shape
-        if len(variables) * d <= 2 * k and base.dim() == 2 and all(s.shape == base.shape for s in sources):
-            key = (where[0][0], tuple(variables))
-            masks = self._masks.get(key)
-            if masks is None or masks.dtype != base.dtype or masks.device != base.device:
-                masks = self._masks[key] = column_masks(k, [cols for _, cols in where], base)
-            return mix_by_projectors(basis, masks, base, sources)
         feats = None
         for (_, cols), source in zip(where, sources):
             mask = torch.zeros(basis.shape[1], dtype=base.dtype, device=base.device)  # [k]
