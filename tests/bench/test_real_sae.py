@@ -1,12 +1,12 @@
 """The real suite's SAE row (issue 20, row 3): its pooled statistics and page attachment,
-without the reference model."""
+without the reference model (and without importing the row module, which registers checks)."""
 
 import logging
 
 import torch
 
 from mechscope.bench.context import CheckContext
-from mechscope.bench.real_sae import fvu_of, recovered_of
+from mechscope.bench.real_sae_store import fvu_of, recovered_of
 from mechscope.core.site import Site
 from mechscope.sae.pages import collect, feature_sheet
 from mechscope.zoo import build

@@ -36,7 +36,17 @@ from torch import Tensor
 
 from mechscope.bench import Criterion, Result, check
 from mechscope.bench.real_model import REFERENCE, reference_model, token_losses
-from mechscope.bench.real_sae_store import CORPUS, LAYER, SEQ_LEN, STORE_TOKENS, STORE_WINDOWS, cached_store, sae_site
+from mechscope.bench.real_sae_store import (
+    CORPUS,
+    LAYER,
+    SEQ_LEN,
+    STORE_TOKENS,
+    STORE_WINDOWS,
+    cached_store,
+    fvu_of,
+    recovered_of,
+    sae_site,
+)
 from mechscope.core.corpora import corpus_files
 from mechscope.core.intervene import Apply, Zero
 from mechscope.core.run import cache
@@ -99,19 +109,6 @@ def _reconstruction(model: Any, sae: SAE, site: Any, tokens: Tensor) -> dict[str
             parts["l0"].append((f != 0).sum(-1).double().sum(1))
             fired |= (f != 0).reshape(-1, sae.d_sae).any(0)
     return {**{k: torch.cat(v) for k, v in parts.items()}, "fired": fired}
-
-
-def fvu_of(parts: Tensor, d: int) -> Tensor:
-    """FVU from per-window columns ``[w, 3 + d]`` = (error, rows, squared norms, row sums):
-    the error over the variance about the pooled mean."""
-    err, n, sq, s = parts[:, 0].sum(), parts[:, 1].sum(), parts[:, 2].sum(), parts[:, 3:3 + d].sum(0)
-    return err / (sq - s.pow(2).sum() / n)
-
-
-def recovered_of(losses: Tensor) -> Tensor:
-    """CE loss recovered from per-window summed losses ``[w, 3]`` = (clean, zero-ablated, spliced)."""
-    clean, zero, spliced = losses.sum(0)
-    return (zero - spliced) / (zero - clean)
 
 
 def _losses(model: Any, sae: SAE, site: Any, tokens: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """The activation store of the real suite's SAE row (issue 20, row 3), cached between runs
-like the model.
+like the model, and the row's pooled statistics (pure, tested in CI without the model).
 
 The store holds the residual stream of the reference model after block ``LAYER`` over the
 first ``STORE_TOKENS`` tokens of the ``python-docs`` corpus, in windows of ``SEQ_LEN``
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mechscope.core import aliases
 from mechscope.core.corpora import corpus_files
@@ -67,4 +67,18 @@ def cached_store(model: nn.Module, tokenizer: Any, name: str, log: Any = None) -
     return store, {"built": built, "seconds": round(seconds, 1), "path": str(out), "rows": store.n_rows}
 
 
-__all__ = ["CORPUS", "LAYER", "SEQ_LEN", "STORE_TOKENS", "STORE_WINDOWS", "cached_store", "sae_site", "store_dir"]
+def fvu_of(parts: Tensor, d: int) -> Tensor:
+    """FVU from per-window columns ``[w, 3 + d]`` = (error, rows, squared norms, row sums):
+    the error over the variance about the pooled mean."""
+    err, n, sq, s = parts[:, 0].sum(), parts[:, 1].sum(), parts[:, 2].sum(), parts[:, 3:3 + d].sum(0)
+    return err / (sq - s.pow(2).sum() / n)
+
+
+def recovered_of(losses: Tensor) -> Tensor:
+    """CE loss recovered from per-window summed losses ``[w, 3]`` = (clean, zero-ablated, spliced)."""
+    clean, zero, spliced = losses.sum(0)
+    return (zero - spliced) / (zero - clean)
+
+
+__all__ = ["CORPUS", "LAYER", "SEQ_LEN", "STORE_TOKENS", "STORE_WINDOWS", "cached_store", "fvu_of", "recovered_of",
+           "sae_site", "store_dir"]
