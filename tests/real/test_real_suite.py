@@ -22,7 +22,9 @@ EXPECTED = {("real_structure", "writes_and_cache", "max_write_relative_error"),
             ("real_structure", "writes_and_cache", "cache_mismatched_layers"),
             ("real_induction", "repeated_tokens", "second_half_loss_ratio"),
             ("real_induction", "repeated_tokens", "best_induction_stripe"),
-            ("real_induction", "head_ablation", "top3_zero_ablation_rise")}
+            ("real_induction", "head_ablation", "top3_zero_ablation_rise"),
+            ("real_sae", "topk_resid", "fvu"), ("real_sae", "topk_resid", "ce_loss_recovered"),
+            ("real_das", "ioi_position", "iia"), ("real_das", "ioi_position", "minus_random_subspace")}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def board(tmp_path_factory):
         load_model("gemma-3-270m", tokenizer=False)  # the first run ever: dequantise, write the cache
     out = tmp_path_factory.mktemp("real-bench") / "out"
     proc = subprocess.run([sys.executable, "-m", "mechscope", "bench", "--suite", "real", "--out", str(out),
-                           "--no-report", "--threads", "1"], capture_output=True, text=True, timeout=900, check=False)
+                           "--no-report", "--threads", "1"], capture_output=True, text=True, timeout=2700, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "scoreboard.json").read_text())
 
