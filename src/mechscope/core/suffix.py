@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -125,12 +125,15 @@ class Suffix:
     def batch(self) -> int:
         return self.logits.shape[0]
 
-    def first_rows(self) -> "Suffix":
-        """The same state for the first example only (what verification replays)."""
-        one = lambda v: v[:1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == self.batch else v  # noqa: E731
-        return Suffix(self.model, self.kind, self.block_paths, self.read, self.logits[:1],
-                      [(one(k), one(v)) for k, v in self.kv], {n: one(v) for n, v in self.inputs.items()},
-                      self.t, self.finals, self.kv_arg, self.cache_type, self.after_blocks, self.pointwise)
+    def rows(self, idx: Tensor) -> "Suffix":
+        """The same state for examples ``idx`` only (their keys, values, inputs and logits):
+        verification replays the first example, DAS's suffix engine a minibatch."""
+        def pick(v: Any) -> Any:  # per-example tensors only; the rest is shared
+            if isinstance(v, Tensor) and v.dim() and v.shape[0] == self.batch:
+                return v.index_select(0, idx.to(v.device))
+            return v
+        return replace(self, logits=pick(self.logits), kv=[(pick(k), pick(v)) for k, v in self.kv],
+                       inputs={n: pick(v) for n, v in self.inputs.items()})
 
     def logits_from(self, entries: Entries, s: int) -> Tensor:
         """Logits at ``read`` of copies of the batch patched at positions >= ``s``: [rows, len(read), vocab].
@@ -371,7 +374,7 @@ def _kind(model: nn.Module, base: Any) -> tuple[str | None, str | None, dict[str
 def _verify(state: Suffix, anchor: tuple[int, Site], acts: Mapping[Site, Tensor]) -> str | None:
     block, site = anchor
     s = min(state.t // 2, max(state.read))  # at least one read position is replayed
-    one = state.first_rows()
+    one = state.rows(torch.arange(1))
     try:
         with torch.no_grad():
             got = one.logits_from([(block, acts[site][:1, s:])], s)
