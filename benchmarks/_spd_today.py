@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from mechscope.core.replay import output_logits, repeated
+from mechscope.core.recording import repeated
+from mechscope.core.replay import output_logits
 from mechscope.core.run import call_model, run
 from mechscope.core.site import Site
 from mechscope.core.substitute import substituting

@@ -17,7 +17,8 @@ forwards per cell and at most 3.5 forwards in total for attribution, on
    8 x 64 tokens.
 
 Each model also checks that the batched scores equal the plain path's (one forward per cell)
-on a few cells. Times are medians of forwards and patch runs taken in alternation, so drift
+on a few cells, and prints (for information) what head cells cost: they replay their block
+from the patched position on too, the head's slice written into the output projection. Times are medians of forwards and patch runs taken in alternation, so drift
 on a shared machine hits both; the load average is printed with every figure.
 Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_circuits.py [--quick]
 [--models zoo,gpt2,llama,gemma]``. ``--quick`` patches every third layer of the Hugging
@@ -34,10 +35,11 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from _timing import fix_threads, header, interleaved, verdict
 from mechscope.circuits.attribution import attribution_patching
-from mechscope.circuits.cells import resid_cells
+from mechscope.circuits.cells import head_cells, resid_cells
 from mechscope.circuits.patching import patch_cells, patch_one_by_one
 from mechscope.zoo import build
 
@@ -135,6 +137,7 @@ def bench_model(name: str, model: Any, vocab: int, pos: int, quick: bool) -> boo
           f"in CPU time (target <= 0.25 wall) {verdict(ok_patch)}; {load()}")
     print(f"  attribution patching : {attr:.2f} forwards in total for all {len(cells)} cells wall, {attr_cpu:.2f} "
           f"in CPU time (target <= 3.5 wall) {verdict(ok_attr)}; {load()}")
+    heads_per_cell(model, clean, corrupt, metric, forward, reps, pos, quick)
     ok_speed = True
     if zoo:  # the per-cell reference is cheap enough here to time in full
         t = interleaved({"one_per_cell": lambda: patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1]),
@@ -145,6 +148,28 @@ def bench_model(name: str, model: Any, vocab: int, pos: int, quick: bool) -> boo
         print(f"  one forward per cell : {t['one_per_cell'] / fwd / len(cells):.3f} forwards/cell; batched is "
               f"{speedup:.1f}x faster (target >= 4x) {verdict(ok_speed)}")
     return ok_equal and ok_patch and ok_attr and ok_speed
+
+
+def heads_per_cell(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable[[Tensor], Tensor],
+                   forward: Callable[[], Any], reps: int, pos: int, quick: bool) -> None:
+    """For information (the issue sets no target): head cells of every layer at positions
+    0, 16, 32, ... (on 64 positions a suffix of 40 on average), which replay their block from the
+    position on (:mod:`mechscope.circuits.suffix`), in forwards per cell; the scores checked
+    against one forward per cell on a few of them."""
+    positions = list(range(0, pos, 16))
+    heads = head_cells(model, positions=positions)
+    if quick:
+        heads = heads[::3]
+    few = heads[1::7][:6]  # a step prime to the 4 positions: several layers, heads and positions
+    err = float((patch_cells(model, clean, corrupt, few, metric, readout=[-1]).scores
+                 - patch_one_by_one(model, clean, corrupt, few, metric, readout=[-1]).scores).abs().max())
+    result: dict[str, Any] = {}
+    t = _alternate(forward, lambda: result.setdefault("r", patch_cells(
+        model, clean, corrupt, heads, metric, readout=[-1])), 1)
+    fwd, fwd_cpu = t["fwd"] / reps, t["fwd_cpu"] / reps
+    print(f"  head cells (info)    : {len(heads)} cells at positions {positions}: {t['work'] / fwd / len(heads):.3f} "
+          f"forwards/cell wall, {t['work_cpu'] / fwd_cpu / len(heads):.3f} in CPU time (whole forwards: ~1); paths "
+          f"{result['r'].extra['paths']}; scores vs one forward per cell on {len(few)}: max |diff| {err:.1e}; {load()}")
 
 
 def main() -> int:

@@ -47,16 +47,17 @@ def test_batched_patching_equals_per_cell(hf):
 
 
 def test_readout_on_hugging_face_models(hf):
-    """With a readout, residual cells take the suffix replay (the model's own forward from the
-    patched position on, with its KV cache, unembedding the readout only), head cells whole
-    forwards, and attribution the final norm + unembedding at the readout; same numbers."""
+    """With a readout, residual and head cells take the suffix replay (the model's own forward
+    from the patched position on, with its KV cache, unembedding the readout only; a head's
+    slice written into its block's output projection), and attribution the final norm +
+    unembedding at the readout; same numbers."""
     model, clean, corrupt, _, metric = hf
     resid = resid_cells(model, positions=range(6))
     cells = resid + head_cells(model, positions=[5])
     fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
     ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1])
     assert torch.allclose(fast.values, ref.values, atol=1e-5)
-    assert fast.extra["paths"] == {"suffix": len(resid), "tail": 0, "forwards": len(cells) - len(resid)}
+    assert fast.extra["paths"] == {"suffix": len(cells), "tail": 0, "forwards": 0}
     full = attribution_patching(model, clean, corrupt, cells, lambda lg: metric(lg[:, -1:]))
     read = attribution_patching(model, clean, corrupt, cells, metric, readout=[-1])
     assert torch.allclose(read.values, full.values, atol=1e-5)

@@ -148,3 +148,39 @@ def test_attention_only_models_without_layer_norm():
     ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1])
     fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
     assert torch.allclose(fast.values, ref.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("readout", [None, [-1], [2, -1]])
+def test_head_cells_replay_their_block_from_the_position_on(setup, readout):
+    """A head cell starts at its block from the block's residual input and writes the head's
+    slice of the output projection's input while the block is replayed (the last block too,
+    which then runs every position): the numbers of one forward per cell."""
+    model, clean, corrupt, metric = setup
+    cells = head_cells(model, positions=[0, 3, T - 1]) + resid_cells(model, positions=[3])
+    for kw in ({}, {"cells_per_forward": 4}):
+        fast = patch_cells(model, clean, corrupt, cells, metric, readout=readout, **kw)
+        ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=readout)
+        assert torch.allclose(fast.values, ref.values, atol=1e-5), (fast.values - ref.values).abs().max()
+        assert fast.extra["paths"] == {"suffix": len(cells), "tail": 0, "forwards": 0}
+        assert "fallback" not in fast.extra
+    assert suffix.feeds(structure(model), cells[0].site) == (0, Site("blocks.0", io="input"))
+    assert suffix.feeds(structure(model), Site("blocks.0.attn.o", io="input", heads=[0], head_dim=8,
+                                                features=[1])) is None  # part of a head: whole forwards
+
+
+def test_a_head_write_the_replay_gets_wrong_is_caught_and_falls_back(setup, monkeypatch):
+    """The head writes are checked once against a whole forward; a write that lands wrong (here
+    on the wrong head) sends head cells to whole forwards, with the same numbers and the reason."""
+    model, clean, corrupt, metric = setup
+    real = suffix._head_writes
+
+    def wrong(writes, b):
+        return real([(j, q, site.replace(heads=[(site.heads[0] + 1) % 4]), v) for j, q, site, v in writes], b)
+    monkeypatch.setattr(suffix, "_head_writes", wrong)
+    cells = head_cells(model, positions=[2]) + resid_cells(model, positions=[2])
+    fast = patch_cells(model, clean, corrupt, cells, metric, readout=[-1])
+    ref = patch_one_by_one(model, clean, corrupt, cells, metric, readout=[-1])
+    assert torch.allclose(fast.values, ref.values, atol=1e-5)
+    n_heads = len(cells) - 3
+    assert fast.extra["paths"] == {"suffix": 3, "tail": 0, "forwards": n_heads}
+    assert "head write" in fast.extra["fallback"]["suffix heads"]

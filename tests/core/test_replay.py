@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mechscope.core.intervene import Zero
-from mechscope.core.replay import Call, plan_tail, prefix_before, record, recording, repeated
+from mechscope.core.recording import Call, ReplayError, prefix_before, record, recording, repeated
+from mechscope.core.replay import plan_tail
 from mechscope.core.run import run
 from mechscope.core.site import Site
 from mechscope.core.substitute import substituting
@@ -72,11 +73,14 @@ def test_a_later_block_replay_equals_its_own_precompute():
 
 
 def test_no_method_registers_hooks():
-    """Methods record and replay through core (core.run, core.substitute, core.replay)."""
+    """Methods record and replay through core (core.run, core.substitute, core.recording,
+    core.replay), and within core only core.run hooks a module (the structure probe records)."""
     root = Path(__file__).resolve().parents[2] / "src" / "mechscope"
     found = []
-    for pkg in ("causal", "circuits", "spd"):
+    for pkg in ("causal", "circuits", "spd", "probe", "steer", "sae", "core"):
         for path in sorted((root / pkg).rglob("*.py")):
+            if path == root / "core" / "run.py":
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Attribute) and node.attr.startswith("register_") and "hook" in node.attr:
                     found.append(f"{path.relative_to(root)}:{node.lineno} {node.attr}")
@@ -95,3 +99,42 @@ def test_a_module_whose_forward_is_already_replaced_is_refused_and_tails_fall_ba
         with pytest.raises(ReplayError, match="not a chain"):
             plan_tail(model, Site("0"), x)
     assert plan_tail(model, Site("0"), x).kind == "chain"
+
+
+def test_the_structure_probe_records_through_forwards_accelerate_has_wrapped():
+    """accelerate's dispatch replaces a module's forward on the instance; the probe wraps it
+    (and puts it back) where the replay's recording refuses."""
+    import pytest
+
+    hooks = pytest.importorskip("accelerate.hooks")
+    from mechscope.core import structure as structure_module
+    from mechscope.core.trace import default_inputs, probe
+
+    model = build("transformer", n_layers=2)
+    plain = probe(model, default_inputs(model))
+    for m in model.modules():
+        hooks.add_hook_to_module(m, hooks.ModelHook())
+    wrapped = {m: vars(m)["forward"] for m in model.modules()}
+    traced = probe(model, default_inputs(model))
+    assert traced.error is None and list(traced.outputs) == list(plain.outputs)
+    assert traced.calls == plain.calls
+    assert all(torch.equal(traced.values[p], v) for p, v in plain.values.items())
+    assert all(torch.equal(traced.inputs[p], v) for p, v in plain.inputs.items())
+    assert all(vars(m)["forward"] is f for m, f in wrapped.items())  # accelerate's forwards are back
+    assert structure_module.structure(model).n_layers == 2
+    with pytest.raises(ReplayError, match="already have their forward replaced"):
+        record(model, torch.randint(0, 64, (1, 3)), ["blocks.0"])
+
+
+def test_the_structure_probe_sees_outputs_before_user_hooks():
+    from mechscope.core.trace import default_inputs, probe
+
+    model = build("transformer", n_layers=2)
+    plain = probe(model, default_inputs(model))
+    handle = model.blocks[0].register_forward_hook(lambda m, a, out: out * 0 + 7)
+    try:
+        hooked = probe(model, default_inputs(model))
+    finally:
+        handle.remove()
+    assert torch.equal(hooked.values["blocks.0"], plain.values["blocks.0"])
+    assert (hooked.inputs["blocks.1"] == 7).all()  # the next block is called on what the hook returned

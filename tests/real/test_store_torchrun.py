@@ -64,7 +64,7 @@ def test_torchrun_writes_the_single_process_rows(tmp_path, model_dir, body_corpu
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mechscope",
            *store_args(model_dir, body_corpus, merged)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[:3000]  # the ranks' own messages come before torchrun's traceback
     assert done.stdout.count("wrote") == 1  # rank 0 reports
     store = open_store(merged)
     assert_same_store(store, open_store(single), 2)

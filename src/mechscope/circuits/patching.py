@@ -18,10 +18,11 @@ intervention that produced it.
 
 Speed: ``k`` cells are patched in one forward of a batch repeated ``k`` times; each
 copy of the batch carries its own cell's patch (one hook per module, one indexed write).
-Residual-stream cells replay only what their patch can change: the positions from the
-patched one on, of the blocks after the site, from the base run's keys and values
-(:mod:`mechscope.circuits.suffix` on :mod:`mechscope.core.suffix`: the built-in
-transformer and Hugging Face causal LMs); with a ``readout`` only the positions the metric
+Residual-stream and head cells replay only what their patch can change: the positions
+from the patched one on, of the blocks after the site (a head's: its own block on, the
+head's slice written into the output projection's input, checked once against a whole
+forward), from the base run's keys and values (:mod:`mechscope.circuits.suffix` on
+:mod:`mechscope.core.suffix`: the built-in transformer and Hugging Face causal LMs); with a ``readout`` only the positions the metric
 reads are unembedded. Which path patched how many cells, and why a faster one was refused,
 is in the result's ``extra``. Positions are absolute indices into the sequence (clean and
 corrupt batches must have the same shape, as patching needs aligned positions).
@@ -40,11 +41,11 @@ from torch import Tensor, nn
 
 from mechscope.circuits import suffix
 from mechscope.core.intervene import Replace
-from mechscope.core.replay import Replay, ReplayError, plan_tail
+from mechscope.core.replay import Replay, ReplayError, error_scale, plan_tail
 from mechscope.core.run import HookCall, cache, call_model, logits_of, run
 from mechscope.core.site import Site, SiteError
 from mechscope.core.structure import structure
-from mechscope.core.suffix import BaseRun, keep_read, plain_base, plan_suffix, start_block
+from mechscope.core.suffix import BaseRun, keep_read, plain_base, plan_suffix
 
 Direction = Literal["denoise", "noise"]
 Metric = Callable[[Any], Tensor]  # model output for one batch -> scalar
@@ -207,9 +208,9 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
 
     ``cells_per_forward`` cells share a forward (default: as many as fit in ``max_rows``
     sequences). With ``replay_tail``, a cell on a block's input or output (the residual
-    stream) at position p runs only positions >= p of the blocks after it, from the base
-    run's keys and values (:mod:`mechscope.core.suffix`: the built-in transformer and
-    Hugging Face causal LMs); a residual cell without a position runs the blocks after it
+    stream) or on heads of a block's output projection at position p runs only positions
+    >= p of the blocks from there on, from the base run's keys and values
+    (:mod:`mechscope.core.suffix`: the built-in transformer and Hugging Face causal LMs); a residual cell without a position runs the blocks after it
     (:mod:`mechscope.core.replay`); other cells run whole forwards of a repeated batch. Each
     replay is checked against the model's own logits first and, where it cannot be
     established, the next path runs: the numbers are the same. The result's
@@ -237,12 +238,14 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
         b = batch_size_of(base)
         k_max = cells_per_forward or max(1, max_rows // b)
         score = lambda i, logits: values.__setitem__(i, _metric(metric, logits))  # noqa: E731
-        on_suffix = based.suffix is not None
-        mine = [(i, fast[c.site], c.position) for i, c in enumerate(cells) if on_suffix and c.site in fast
-                and c.position is not None]
+        if based.suffix is not None:
+            _heads_replay_or_not(model, base, based, cells, fast, src, readout, notes)
+        mine = [(i, fast[c.site][0], c.position) for i, c in enumerate(cells) if based.suffix is not None
+                and c.site in fast and c.position is not None]
         if mine:
-            suffix.patch(based.suffix, mine, {i: based.acts[cells[i].site] for i, _, _ in mine},
-                         {i: src[cells[i].site] for i, _, _ in mine}, score, k_max)
+            heads = {i: cells[i].site for i, _, _ in mine if fast[cells[i].site][1] != cells[i].site}
+            suffix.patch(based.suffix, mine, {i: based.acts[fast[cells[i].site][1]] for i, _, _ in mine},
+                         {i: src[cells[i].site] for i, _, _ in mine}, score, k_max, heads)
         done = {i for i, _, _ in mine}
         rest = [i for i in range(len(cells)) if i not in done]
         tails = _tails(model, base, list(dict.fromkeys(cells[i].site for i in rest)), notes) \
@@ -259,24 +262,56 @@ def patch_cells(model: nn.Module, clean: Any, corrupt: Any, cells: Sequence[Cell
     return PatchResult(list(cells), values, m_clean, m_corrupt, direction, ablation_name(direction), extra)
 
 
-def _say_fallbacks(cells: Sequence[Cell], fast: dict[Site, int], rest: Sequence[int], notes: dict[str, str]) -> None:
-    """A warning when residual cells with a position could not take the suffix replay."""
+def _say_fallbacks(cells: Sequence[Cell], fast: dict[Site, tuple[int, Site]], rest: Sequence[int],
+                   notes: dict[str, str]) -> None:
+    """A warning when residual or head cells with a position could not take the suffix replay."""
     missed = [i for i in rest if cells[i].site in fast and cells[i].position is not None]
     if missed and notes:
-        warnings.warn(f"patch_cells: {len(missed)} residual-stream cell(s) did not use the suffix replay "
+        warnings.warn(f"patch_cells: {len(missed)} residual-stream or head cell(s) did not use the suffix replay "
                       f"({'; '.join(f'{k}: {v}' for k, v in notes.items())}); they ran by slower paths with the "
                       "same numbers (the result's extra['paths'] says which)", stacklevel=3)
 
 
-def _base_run(model: nn.Module, base: Any, sites: Sequence[Site], fast: dict[Site, int],
+def _base_run(model: nn.Module, base: Any, sites: Sequence[Site], fast: dict[Site, tuple[int, Site]],
               readout: Sequence[int] | None) -> BaseRun:
     """The base run: its output, its logits as the metric reads them, the cells' base
-    activations and, where the suffix replay applies (checked), its state."""
+    activations (and the residual inputs of the blocks head cells start at) and, where the
+    suffix replay applies (checked), its state."""
     if not fast:
         return plain_base(model, base, sites, readout)
-    ends = dict.fromkeys([min(fast.values()), max(fast.values())])  # the shallowest and deepest start blocks
-    anchors = [(block, next(site for site, b in fast.items() if b == block)) for block in ends]
-    return plan_suffix(model, base, list(dict.fromkeys([*sites, *fast])), anchors, readout)
+    starts = [block for block, _ in fast.values()]
+    ends = dict.fromkeys([min(starts), max(starts)])  # the shallowest and deepest start blocks
+    anchors = [(block, next(resid for b, resid in fast.values() if b == block)) for block in ends]
+    return plan_suffix(model, base, list(dict.fromkeys([*sites, *(r for _, r in fast.values())])), anchors, readout)
+
+
+def _heads_replay_or_not(model: nn.Module, base: Any, based: BaseRun, cells: Sequence[Cell],
+                         fast: dict[Site, tuple[int, Site]], src: dict[Site, Tensor], readout: Sequence[int] | None,
+                         notes: dict[str, str]) -> None:
+    """Check the head writes of the suffix replay once: the first head cell's logits on the
+    first example, replayed and by a whole forward, must agree. Where they do not (the
+    output projection runs other than once per block on every position), head sites leave
+    ``fast`` (they take whole forwards) and the reason goes to ``notes``."""
+    head_sites = [site for site, (_, resid) in fast.items() if resid != site]
+    first = next((c for c in cells if c.site in head_sites and c.position is not None), None)
+    if first is None:
+        return
+    one, got = {}, {}
+    block, resid = fast[first.site]
+    state = based.suffix.rows(torch.arange(1))
+    first_row = lambda x: x[:1]  # noqa: E731
+    suffix.patch(state, [(0, block, first.position)], {0: based.acts[resid][:1]}, {0: src[first.site][:1]},
+                 lambda i, logits: got.__setitem__(i, logits), 1, {0: first.site})
+    base1 = {n: first_row(v) if isinstance(v, Tensor) and v.dim() else v for n, v in base.items()} \
+        if isinstance(base, dict) else first_row(base)
+    _patch_by_forwards(model, base1, {first.site: src[first.site][:1]}, [first], [0],
+                       lambda i, logits: one.__setitem__(i, logits), 1, 1, readout)
+    err, scale = error_scale(got[0], logits_of(one[0]))
+    if err > 1e-4 * scale:
+        for site in head_sites:
+            del fast[site]
+        notes["suffix heads"] = (f"a head write replayed at {first.site.describe()} differs from a whole forward by "
+                                 f"{err:.3g}: head cells take whole forwards")
 
 
 def _patch_by_forwards(model: nn.Module, base: Any, src: dict[Site, Tensor], cells: Sequence[Cell], todo: list[int],
@@ -297,8 +332,9 @@ def _patch_by_forwards(model: nn.Module, base: Any, src: dict[Site, Tensor], cel
             score(i, rows if done else _read(rows, readout))
 
 
-def _suffix_sites(model: nn.Module, cells: Sequence[Cell], notes: dict[str, str]) -> dict[Site, int]:
-    """Sites whose positioned cells the suffix replay may patch, with the block each feeds."""
+def _suffix_sites(model: nn.Module, cells: Sequence[Cell], notes: dict[str, str]) -> dict[Site, tuple[int, Site]]:
+    """Sites whose positioned cells the suffix replay may patch, with the block each starts
+    at and the residual site entering it (:func:`mechscope.circuits.suffix.feeds`)."""
     if not any(c.position is not None for c in cells):
         return {}
     try:
@@ -309,9 +345,9 @@ def _suffix_sites(model: nn.Module, cells: Sequence[Cell], notes: dict[str, str]
     out = {}
     for c in cells:
         if c.position is not None and c.site not in out:
-            block = start_block(s, c.site)
-            if block is not None:
-                out[c.site] = block
+            fed = suffix.feeds(s, c.site)
+            if fed is not None:
+                out[c.site] = fed
     return out
 
 

@@ -1,117 +1,31 @@
-"""A recording forward, and replaying part of a model from a recorded point.
+"""Replaying part of a model from a recorded point.
 
 Several methods run a frozen model many times on inputs whose beginning never changes:
-DAS trains a rotation at one site (everything before the site is constant), activation
-patching writes one cell into the base run (everything before the cell is the base run's),
-SPD reruns a model whose modules before the first decomposed layer see the target's input.
-Each needs the same two things, provided here once:
-
-- **recording** (:func:`recording`, :func:`record`): one forward that keeps, for chosen
-  modules, every call's arguments, output and when it started and finished. It runs through
-  :func:`mechscope.core.substitute.substituting` (the module's own forward, wrapped), not
-  hooks of its own, so hooks and sites on those modules keep working during it and nothing
-  stays changed after.
-- **replay**: the part of the model after an anchor site, run on a new anchor activation
-  (:func:`plan_tail`, :meth:`Tail.precompute`, :meth:`Replay.replay`), or the part before a
-  point taken from a recorded forward instead of recomputed (:func:`prefix_before`,
-  :func:`repeated`). Two tail shapes are found from the model itself: a *chain* (from the
-  anchor on, each leaf module takes exactly the previous one's output and the model returns
-  the last's) and a *block stack* (the anchor is a block's input or output; later blocks get
-  the extra arguments they were called with in the recorded forward, then the final norm and
-  unembedding). A tail is verified against the model's own output before it is trusted.
+DAS trains a rotation at one site (everything before the site is constant) and activation
+patching writes one cell into the base run (everything before the cell is the base run's).
+Both replay the part of the model after an anchor site on a new anchor activation
+(:func:`plan_tail`, :meth:`Tail.precompute`, :meth:`Replay.replay`), planned from one
+recording forward (:mod:`mechscope.core.recording`). Two tail shapes are found from the
+model itself: a *chain* (from the anchor on, each leaf module takes exactly the previous
+one's output and the model returns the last's) and a *block stack* (the anchor is a block's
+input or output; later blocks get the extra arguments they were called with in the recorded
+forward, then the final norm and unembedding). A tail is verified against the model's own
+output before it is trusted.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mechscope.core.run import call_model, find_module, logits_of, run
+from mechscope.core.recording import Call, ReplayError, record, recording
+from mechscope.core.run import call_model, logits_of, run
 from mechscope.core.site import Site
 from mechscope.core.structure import StructureError, structure
-from mechscope.core.substitute import substituting
-
-
-class ReplayError(RuntimeError):
-    """The part of the model after a site cannot be replayed on its own."""
-
-
-# ------------------------------------------------------------------------------ recording
-
-
-@dataclass(frozen=True)
-class Call:
-    """One call of a recorded module. ``start``/``end`` are ticks of one counter that every
-    recorded call's start and end advance, so they order calls and tell nesting."""
-
-    path: str
-    module: nn.Module
-    args: tuple
-    kwargs: Mapping[str, Any]
-    output: Any  # the object the module returned (not a copy: identity tells a chain)
-    start: int
-    end: int
-
-
-@contextmanager
-def recording(model: nn.Module, paths: Iterable[str]) -> Iterator[list[Call]]:
-    """Within the block, every call of the modules at ``paths`` is appended (when it
-    finishes) to the yielded list; run the model (``run``, ``call_model``) inside."""
-    calls: list[Call] = []
-    tick = itertools.count()
-
-    def recorder(path: str, module: nn.Module) -> Callable[..., Any]:
-        def fn(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            start = next(tick)
-            out = original(*args, **kwargs)
-            calls.append(Call(path, module, args, kwargs, out, start, next(tick)))
-            return out
-        return fn
-
-    modules = {p: find_module(model, p) for p in dict.fromkeys(paths)}
-    taken = [p for p, m in modules.items() if "forward" in vars(m)]
-    if taken:  # accelerate's dispatch hooks, or a substitution already active: do not wrap a wrapper
-        raise ReplayError(f"module(s) {taken[:3]} already have their forward replaced on the instance; "
-                          "the recording forward cannot wrap them (full forwards give the same numbers)")
-    with substituting(model, {p: recorder(p, m) for p, m in modules.items()}):
-        yield calls
-
-
-@torch.no_grad()
-def record(model: nn.Module, inputs: Any, paths: Iterable[str]) -> tuple[Any, list[Call]]:
-    """One no-grad forward on ``inputs`` recording ``paths``: (model output, calls in finish order)."""
-    with recording(model, paths) as calls:
-        out = call_model(model, inputs)
-    return out, calls
-
-
-def prefix_before(calls: Sequence[Call], tick: int, rows: int) -> tuple[str, ...]:
-    """The outermost modules whose one call finished before ``tick`` with a tensor output of
-    ``rows`` rows: later forwards on the same inputs may take those outputs instead of
-    running them (a module called twice sees other inputs the second time)."""
-    count: dict[str, int] = {}
-    for c in calls:
-        count[c.path] = count.get(c.path, 0) + 1
-    done = [c.path for c in sorted(calls, key=lambda c: c.end) if c.end < tick and count[c.path] == 1
-            and isinstance(c.output, Tensor) and c.output.dim() and c.output.shape[0] == rows]
-    chosen = set(done)
-    # a module inside a chosen one does not run anyway
-    return tuple(n for n in done if not any(n.startswith(p + ".") for p in chosen))
-
-
-def repeated(outputs: Mapping[str, Tensor], n: int) -> dict[str, Callable[..., Any]]:
-    """Substitutes (for :func:`substituting`) that return each module's known output
-    ``[rows, ...]`` repeated over ``n`` stacked copies of the batch, without running it."""
-    def known(out: Tensor) -> Callable[..., Any]:
-        return lambda original, *args, **kwargs: out.repeat(n, *([1] * (out.dim() - 1)))
-    return {path: known(out) for path, out in outputs.items()}
-
 
 # ------------------------------------------------------------------------------ helpers
 

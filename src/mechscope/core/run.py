@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from mechscope.core.intervene import Replace
 from mechscope.core.site import BatchInfo, Site, SiteError
-from mechscope.core.trace import first_tensor
 
 Intervention = Callable[[Tensor, "HookCall"], Tensor]
 Interventions = Mapping[Site, Intervention] | Sequence[tuple[Site, Intervention]]
@@ -60,6 +59,26 @@ def find_module(model: nn.Module, path: str) -> nn.Module:
             f"no module at path {path!r} in {type(model).__name__}; {hint} "
             "(paths are those of model.named_modules(); `mechscope sites` lists them)"
         ) from None
+
+
+def first_tensor(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The activation a module is called on: its first positional tensor, else
+    ``hidden_states=``, else its first tensor keyword argument."""
+    for value in args:
+        if isinstance(value, Tensor):
+            return value
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+
+
+def first_output(value: Any) -> Tensor | None:
+    """A module output's tensor: the output itself, or a tuple's or list's first element."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    return None
 
 
 def _describe(value: Any) -> str:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,9 @@ from mechscope.core.structure import ModelStructure, structure
 from mechscope.core.substitute import substituting
 
 Entries = Sequence[tuple[int, Tensor]]  # (start block, x [copies*batch, t - s, d_model]), sorted by block
+# writes inside the replayed blocks, per entry (its index in Entries): (module path, fn) where fn
+# takes that entry's rows of the module's input [rows, t - s, ...] and returns their new value
+Inside = Mapping[int, Sequence[tuple[str, Callable[[Tensor], Tensor]]]]
 _ZOO_INPUTS = {"input_ids", "attention_mask", "position_ids"}
 _HF_INPUTS = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits_to_keep"}
 
@@ -135,19 +138,26 @@ class Suffix:
         return replace(self, logits=pick(self.logits), kv=[(pick(k), pick(v)) for k, v in self.kv],
                        inputs={n: pick(v) for n, v in self.inputs.items()})
 
-    def logits_from(self, entries: Entries, s: int) -> Tensor:
+    def logits_from(self, entries: Entries, s: int, inside: Inside | None = None) -> Tensor:
         """Logits at ``read`` of copies of the batch patched at positions >= ``s``: [rows, len(read), vocab].
 
         ``entries``: (block, x) sorted by block, ``x`` [copies*batch, t - s, d_model] the residual
         stream entering ``block`` (``n_layers``: the final norm) at positions s..; rows come out
-        in the order of ``entries``."""
+        in the order of ``entries``. ``inside``: writes into the input of modules of the replayed
+        blocks (one head's slice of the attention output, ...), each on its entry's rows only;
+        such a module must run once per block on positions s.. (the output projection does)."""
         b = self.batch
         rows = sum(e.shape[0] for _, e in entries)
         late = [r for r in self.read if r >= s]
         if not late:  # a patch at s or later cannot reach an earlier position
             return self.logits.repeat(rows // b, 1, 1)
         queries = torch.tensor([r - s for r in late], dtype=torch.long)
-        new = self._forward_from(entries, s, queries) if self.kind == "forward_from" else self._kv(entries, s, queries)
+        inside = inside or {}
+        if self.kind == "forward_from":
+            new = self._forward_from(entries, s, queries, inside)
+        else:
+            new = torch.cat([self._kv_group(block, x, s, queries, inside.get(e, ()))
+                             for e, (block, x) in enumerate(entries)])
         if len(late) == len(self.read):
             return new
         early = [n for n, r in enumerate(self.read) if r < s]
@@ -155,27 +165,35 @@ class Suffix:
         order = early + [n for n, r in enumerate(self.read) if r >= s]  # where each column of cat belongs
         return torch.cat([old, new], 1)[:, torch.tensor(order).argsort()]
 
-    def _forward_from(self, entries: Entries, s: int, queries: Tensor) -> Tensor:
+    def _forward_from(self, entries: Entries, s: int, queries: Tensor, inside: Inside) -> Tensor:
         b, n_blocks = self.batch, len(self.blocks)
         mask = self.inputs.get("attention_mask")
+        offsets = [0]  # entries join the batch in their order: entry e's rows start at offsets[e]
+        for _, e in entries:
+            offsets.append(offsets[-1] + e.shape[0])
+        writes = {e: [(path, offsets[e], offsets[e + 1], fn) for path, fn in w] for e, w in inside.items()}
+        last_written = any(path.startswith(self.block_paths[-1] + ".") for w in inside.values() for path, _ in w)
         x = None
-        for j in range(entries[0][0], n_blocks + 1):
-            new = [e if j < n_blocks else e[:, queries] for blk, e in entries if blk == j]
-            if new:
-                x = torch.cat(([] if x is None else [x]) + new) if len(new) > 1 or x is not None else new[0]
-            if j < n_blocks:
-                k, v = self.kv[j]
-                key_mask = None if mask is None else mask.repeat(x.shape[0] // b, 1)  # [rows, pos]
-                x = self.blocks[j].forward_from(x, (k[:, :s], v[:, :s]), key_mask,
-                                                queries if j == n_blocks - 1 else None)
+        with substituting(self.model, _writes_at(writes)):
+            for j in range(entries[0][0], n_blocks + 1):
+                new = [e if j < n_blocks or last_written else e[:, queries] for blk, e in entries if blk == j]
+                if new:
+                    x = torch.cat(([] if x is None else [x]) + new) if len(new) > 1 or x is not None else new[0]
+                if j < n_blocks:
+                    k, v = self.kv[j]
+                    key_mask = None if mask is None else mask.repeat(x.shape[0] // b, 1)  # [rows, pos]
+                    # a write inside the last block needs its module on every position: all of them run
+                    x = self.blocks[j].forward_from(x, (k[:, :s], v[:, :s]), key_mask,
+                                                    queries if j == n_blocks - 1 and not last_written else None)
+        if last_written:
+            x = x[:, queries]
         return chain(self.finals, x)  # [rows, len(queries), vocab]
 
-    def _kv(self, entries: Entries, s: int, queries: Tensor) -> Tensor:
-        return torch.cat([self._kv_group(block, x, s, queries) for block, x in entries])
-
-    def _kv_group(self, block: int, x: Tensor, s: int, queries: Tensor) -> Tensor:
+    def _kv_group(self, block: int, x: Tensor, s: int, queries: Tensor,
+                  inside: Sequence[tuple[str, Callable[[Tensor], Tensor]]] = ()) -> Tensor:
         """One call of the model's own forward on positions s.. of ``x.shape[0] // batch``
-        copies, from block ``block`` on (the blocks before it pass their input through)."""
+        copies, from block ``block`` on (the blocks before it pass their input through),
+        with ``inside``'s writes."""
         n_blocks, c = len(self.blocks), x.shape[0] // self.batch
         cache = self.cache_type()
         for j, (k, v) in enumerate(self.kv):  # blocks before ``block`` never read theirs: one copy
@@ -199,9 +217,38 @@ class Suffix:
             subs[self.after_blocks] = _feeding(x)
         else:
             subs[self.block_paths[-1]] = lambda original, *a, **kw: x
+        for path, fn in _writes_at({0: [(path, 0, x.shape[0], fn) for path, fn in inside]}).items():
+            # written first, then (in the last block) run at the read positions only
+            subs[path] = fn if path not in subs else _then(fn, subs[path])
         with substituting(self.model, subs):
             logits = output_logits(self.model(**inputs))
         return logits if keeps_logits(self.model) else logits[:, queries]
+
+
+Write = tuple[str, int, int, Callable[[Tensor], Tensor]]  # (module path, first row, end row, fn)
+
+
+def _writes_at(writes: Mapping[int, Sequence[Write]]) -> dict[str, Any]:
+    """Substitutes that write into a module's input: per path, each entry's rows first..end
+    of the input replaced by ``fn`` of them."""
+    by_path: dict[str, list[tuple[int, int, Callable[[Tensor], Tensor]]]] = {}
+    for w in writes.values():
+        for path, first, end, fn in w:
+            by_path.setdefault(path, []).append((first, end, fn))
+
+    def writer(parts: list[tuple[int, int, Callable[[Tensor], Tensor]]]) -> Any:
+        def sub(original: Any, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            x = x.clone()
+            for first, end, fn in parts:
+                x[first:end] = fn(x[first:end])
+            return original(x, *args, **kwargs)
+        return sub
+    return {path: writer(parts) for path, parts in by_path.items()}
+
+
+def _then(first: Any, second: Any) -> Any:
+    """Two substitutes of one module: ``first``'s write, then ``second`` on the written input."""
+    return lambda original, *args, **kwargs: first(lambda *a, **k: second(original, *a, **k), *args, **kwargs)
 
 
 def _passing(original: Any, *args: Any, **kwargs: Any) -> Tensor:

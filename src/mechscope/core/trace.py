@@ -4,8 +4,8 @@ returns, in what order, and the values that pass through the blocks.
 Whether a module returns a tensor or a tuple cannot be read from its class: it changes
 between library versions (transformers 5 made GPT-2's block return a plain tensor), so
 a site that took ``output[0]`` of a tensor would silently index the batch. The probe
-asks the model itself: it runs one forward on a two-token input with a forward hook on
-every module and records each module's output kind, a short description and the last
+asks the model itself: it runs one forward on a two-token input with the forward of
+every module wrapped and records each module's output kind, a short description and the last
 dimension of its (first) tensor output. Modules are recorded in the order their forward
 *finished*, which is also how the final norm (the norm that runs after the last block)
 is told apart from other norms.
@@ -17,8 +17,10 @@ check it, with no forward of its own. Copies, because a module may change its ou
 place after returning it (Falcon adds the attention output into the MLP's). On a
 two-token input the copies are small (a few MB for a 262k-token vocabulary).
 
+The forward is :func:`mechscope.core.recording.recording` over every module, with copies;
+it sees each module's output as its forward returned it, before the module's forward hooks.
 The probe leaves no trace: the model runs in eval mode under ``no_grad`` with the RNG
-state forked, and every training flag and hook is restored afterwards.
+state forked, and every training flag and forward is restored afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from mechscope.core.recording import recording
 
 
 @dataclass(frozen=True)
@@ -111,56 +115,14 @@ def probe(model: nn.Module, inputs: Iterable[Any]) -> Trace:
     return Trace({}, {}, {}, {}, error)
 
 
-def first_tensor(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
-    """The activation a module is called on: its first positional tensor, else
-    ``hidden_states=``, else its first tensor keyword argument."""
-    for value in args:
-        if isinstance(value, Tensor):
-            return value
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return kwargs["hidden_states"]
-    return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-
-
-def _first_output(value: Any) -> Tensor | None:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
-        return value[0]
-    return None
-
-
 def _run(model: nn.Module, example: Any) -> Trace:
-    seen: dict[str, Output] = {}
-    calls: dict[str, int] = {}
-    ins: dict[str, Tensor] = {}
-    values: dict[str, Tensor] = {}
-    handles = []
-
-    def before(path: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[path] = calls.get(path, 0) + 1
-            x = first_tensor(args, kwargs)
-            if calls[path] == 1 and x is not None:
-                ins[path] = x.detach().clone()
-        return hook
-
-    def after(path: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if path not in seen:
-                seen[path] = output_of(output)
-                y = _first_output(output)
-                if y is not None:
-                    values[path] = y.detach().clone()
-        return hook
-
+    paths = [path for path, _ in model.named_modules()]  # the model itself ("") finishes last
     modes = {m: m.training for m in model.modules()}
     try:
-        for path, module in model.named_modules():  # the model itself ("") finishes last
-            handles.append(module.register_forward_pre_hook(before(path), with_kwargs=True))
-            handles.append(module.register_forward_hook(after(path)))
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # wrap_replaced: the probe must also see models whose forwards accelerate has wrapped
+        with recording(model, paths, copies=True, wrap_replaced=True) as calls, \
+                torch.random.fork_rng(devices=[]), torch.no_grad():
             if isinstance(example, Mapping):
                 model(**example)
             elif isinstance(example, tuple):
@@ -168,8 +130,20 @@ def _run(model: nn.Module, example: Any) -> Trace:
             else:
                 model(example)
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes.items():
             m.training = training
-    return Trace(seen, calls, ins, values)
+    seen: dict[str, Output] = {}
+    count: dict[str, int] = {}
+    ins: dict[str, Tensor] = {}
+    values: dict[str, Tensor] = {}
+    for c in calls:  # in finish order
+        count[c.path] = count.get(c.path, 0) + 1
+        if c.path in seen:
+            continue
+        seen[c.path] = output_of(c.output)
+        if c.output_copy is not None:
+            values[c.path] = c.output_copy
+    for c in sorted(calls, key=lambda c: c.start):  # the first call's input is the one that started first
+        if c.path not in ins and c.input_copy is not None:
+            ins[c.path] = c.input_copy
+    return Trace(seen, count, ins, values)

@@ -31,7 +31,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mechscope.core.replay import output_logits, repeated
+from mechscope.core.recording import repeated
+from mechscope.core.replay import output_logits
 from mechscope.core.run import HookCall, call_model, run
 from mechscope.core.site import Site
 from mechscope.core.substitute import substituting

@@ -13,7 +13,7 @@ target's, the module's output is the target's too:
   delta component), and ``V a`` is the inner activation already computed.
 
 Both rest on the execution order of the modules, recorded once per decomposition by core's
-recording forward (:func:`mechscope.core.replay.record`, in :func:`reuse_plan`); the first
+recording forward (:func:`mechscope.core.recording.record`, in :func:`reuse_plan`); the first
 batched pass that skips the prefix is checked once against a full forward, and a mismatch
 (an output the recording misread as per-example) turns the skipping off with a warning.
 A module that runs more than once per forward is never part of the prefix (its later
@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from mechscope.core.replay import prefix_before, record
+from mechscope.core.recording import prefix_before, record
 from mechscope.spd.components import SPDError
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, ReusePlan]" = weakref.WeakKeyDictionary()
