@@ -32,7 +32,7 @@ from mechscope.causal.counterfactual import CounterfactualData
 from mechscope.causal.engine import Engine, Readout, group_by_site, identity_readout, make_engine
 from mechscope.causal.stiefel import StiefelSubspace
 from mechscope.core.config import Config, ConfigError, config, param
-from mechscope.core.featurize import Featurizer, Rotation, Subspace
+from mechscope.core.featurize import Featurizer, LinearFeaturizer, Rotation, Subspace
 from mechscope.core.site import Site
 
 
@@ -62,6 +62,12 @@ class Trainable(nn.Module):
         for v, source in zip(variables, sources):
             base = self.mix(v, base, source)
         return base
+
+    def interchange_bases(self, variables: Sequence[str]) -> list[Tensor] | None:
+        """Each variable's orthonormal columns ``B_v`` [d, k_v] where mixing them in at one site
+        is ``x + Σ_v (x_v - x) B_v B_vᵀ`` (a hard interchange), else None; an engine may then
+        fold the mix into the layer after the site (:mod:`mechscope.causal.fold`)."""
+        return None
 
     def penalty(self) -> Tensor | None:
         return None
@@ -152,6 +158,13 @@ class SubspaceAlignment(Trainable):
             f = ((source - base) @ basis) * mask  # [..., k]: this variable's columns of the source's offset
             feats = f if feats is None else feats + f
         return base + feats @ basis.T
+
+    def interchange_bases(self, variables: Sequence[str]) -> list[Tensor] | None:
+        where = [self._where[v] for v in variables]
+        if len({i for i, _ in where}) > 1 or not isinstance(self.featurizers[where[0][0]], LinearFeaturizer):
+            return None
+        basis = self.featurizers[where[0][0]].basis()  # [d, k]
+        return [basis[:, cols[0]:cols[-1] + 1] for _, cols in where]  # a variable's columns are consecutive
 
     def before_step(self) -> None:
         for f in self.featurizers:
@@ -245,7 +258,7 @@ def fit(model: nn.Module, data: CounterfactualData, trainable: Trainable, readou
 def step_loss(engine: Engine, trainable: Trainable, idx: Tensor, labels: Tensor) -> Tensor:
     """One step's loss; orthogonal parametrisations are computed once per step (cached)."""
     with parametrize.cached():
-        logits = engine.logits(idx, trainable.mix, trainable.mix_site)  # [batch, classes]
+        logits = engine.logits(idx, trainable.mix, trainable.mix_site, trainable.interchange_bases)  # [batch, classes]
         loss = F.cross_entropy(logits, labels.index_select(0, idx))
         extra = trainable.penalty()
     return loss if extra is None else loss + extra

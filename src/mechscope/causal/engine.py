@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mechscope.causal.alignment import Mixer
 from mechscope.causal.counterfactual import CounterfactualData, batch_len, take
+from mechscope.causal.fold import Bases, Folded, foldable
 from mechscope.core.replay import ReplayError, no_cache, output_logits, plan_tail
 from mechscope.core.run import batch_info, cache, run
 from mechscope.core.structure import structure
@@ -123,8 +124,10 @@ class FullEngine:
         with torch.no_grad():
             return cache(self.model, take(self.data.base, idx), [site])[site]
 
-    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None) -> Tensor:
-        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once)."""
+    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None,
+               bases: Bases | None = None) -> Tensor:
+        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once;
+        ``bases`` is the tail engine's, unused here)."""
         if site_mixer is None:
             interventions = [(self.places[v], _Mix(mixer, v, self.source_views(v, idx))) for v in self.places]
         else:
@@ -163,6 +166,7 @@ class TailEngine:
         info = batch_info(data.base)
         self.index = {s: s.resolve_positions(anchor, info) for s in set(self.places.values())}
         self.sources = {v: self._source_views(v, chunk) for v in self.places}
+        self._fold: Folded | None | bool = False  # False: not tried yet; None: not foldable
 
     def _source_views(self, variable: str, chunk: int) -> Tensor:
         site, inputs = self.places[variable], self.data.sources[variable]
@@ -183,10 +187,47 @@ class TailEngine:
         """The model's own readout on every base, from the precompute run."""
         return self.readout(self.state.logits)
 
-    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None) -> Tensor:
-        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once)."""
+    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None,
+               bases: Bases | None = None) -> Tensor:
+        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once).
+
+        ``bases``: where the mix is a hard interchange along orthonormal columns (DAS), each
+        variable's columns; on a ``[n, d]`` site with a chain after it the interchange is then
+        folded into the layer after the site (:mod:`mechscope.causal.fold`, checked once)."""
+        folded = self._folded(bases)
+        b = None if folded is None else bases(folded.variables)
+        if b is not None:
+            if not folded.checked:
+                why = folded.agrees(idx, b, lambda few: self._mixed(few, mixer, site_mixer))
+                folded.checked = True
+                if why is not None:
+                    log.warning("DAS keeps the general tail path: %s", why)
+                    self._fold = None
+                    return self._mixed(idx, mixer, site_mixer)
+            return self.readout(folded.logits(idx, b))
+        return self._mixed(idx, mixer, site_mixer)
+
+    def _mixed(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None) -> Tensor:
         act = mixed_in(self.state.anchor, self.index, self.sources, self.places, idx, mixer, site_mixer)
         return self.readout(self.state.replay(act, idx))
+
+    def _folded(self, bases: Bases | None) -> Folded | None:
+        """The folded interchange, built on first use (None where it does not apply)."""
+        if bases is None or self._fold is None:
+            return None
+        if self._fold is False:  # not tried yet
+            groups = group_by_site(self.places)
+            site, names = next(iter(groups.items()))
+            why = "the variables are at several sites" if len(groups) > 1 else foldable(
+                self.state, site, self.index[site], len(names))
+            if why is not None:
+                log.debug("the interchange is not folded: %s", why)
+                self._fold = None
+            elif bases(names) is None:  # this alignment's mix is not a hard interchange: ask again next time
+                return None
+            else:
+                self._fold = Folded(self.state, names, self.sources)
+        return self._fold
 
 
 class SuffixEngine:
@@ -242,8 +283,10 @@ class SuffixEngine:
     def base_views(self, site: Site, idx: Tensor) -> Tensor:
         return site.select(self.anchor.index_select(0, idx), self.index[site].index_select(0, idx))
 
-    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None) -> Tensor:
-        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once)."""
+    def logits(self, idx: Tensor, mixer: Mixer, site_mixer: SiteMixer | None = None,
+               bases: Bases | None = None) -> Tensor:
+        """Logits of examples ``idx`` with every variable mixed in (``site_mixer``: a site's at once;
+        ``bases`` is the tail engine's, unused here)."""
         act = mixed_in(self.anchor, self.index, self.sources, self.places, idx, mixer, site_mixer)
         return self.readout(self.suffix.rows(idx).logits_from([(self.block, act[:, self.start:])], self.start))
 
