@@ -14,6 +14,16 @@ def test_labels_are_the_causal_models_counterfactuals():
     assert torch.equal(d.base, to_inputs(hl["base"])) and torch.equal(d.sources["P"], to_inputs(hl["P"]))
 
 
+def test_a_subset_keeps_the_high_level_inputs_of_its_rows():
+    """subset() (here a reversal, the same size) carries the high-level values with the rows,
+    so the labels still are the causal model's on them."""
+    d = data("P", n=200).subset(torch.arange(199, -1, -1)[:150])
+    hl = d.meta["high_level"]
+    assert len(hl["base"]["A"]) == len(d) == 150
+    assert torch.equal(d.labels, ((hl["P"]["A"] + hl["base"]["B"]) == 2).long())
+    assert torch.equal(d.base, to_inputs(hl["base"])) and torch.equal(d.sources["P"], to_inputs(hl["P"]))
+
+
 def test_balanced_over_class_and_change():
     d = data(["P", "Q"], n=400)
     for c in (0, 1):

@@ -72,16 +72,32 @@ class CounterfactualData:
         return self.labels != self.base_labels
 
     def subset(self, idx: Tensor | Sequence[int]) -> "CounterfactualData":
+        """Examples ``idx``, in that order; the high-level inputs in ``meta["high_level"]`` (one
+        row per example) follow them, so a hypothesis still labels every pair it keeps."""
         idx = torch.as_tensor(idx, dtype=torch.long)
+        meta = dict(self.meta)
+        if "high_level" in meta:
+            meta["high_level"] = _rows_of(meta["high_level"], idx, len(self))
         return CounterfactualData(
             self.variables, take(self.base, idx), {v: take(s, idx) for v, s in self.sources.items()},
             self.labels[idx], self.base_labels[idx], {v: t[idx] for v, t in self.source_labels.items()},
-            {v: t[idx] for v, t in self.active.items()}, self.name, dict(self.meta))
+            {v: t[idx] for v, t in self.active.items()}, self.name, meta)
 
     def describe(self) -> str:
         counts = {f"class {c}": int((self.labels == c).sum()) for c in self.labels.unique().tolist()}
         return (f"{self.name or 'counterfactual data'}: {len(self)} examples intervening on {list(self.variables)}, "
                 f"{int(self.changed.sum())} change the output; {counts}")
+
+
+def _rows_of(value: Any, idx: Tensor, n: int) -> Any:
+    """Rows ``idx`` of every tensor or list with ``n`` rows inside ``value`` (nested mappings)."""
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == n:
+        return value.index_select(0, idx.to(value.device))
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in idx.tolist()]
+    if isinstance(value, Mapping):
+        return {k: _rows_of(v, idx, n) for k, v in value.items()}
+    return value
 
 
 # -- model-input helpers ----------------------------------------------------------------

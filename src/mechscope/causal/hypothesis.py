@@ -196,7 +196,7 @@ def _high_level(data: CounterfactualData) -> dict[str, Any]:
         raise HypothesisError(
             f"counterfactual data {data.name!r} carries no high-level inputs for its {n} pairs (meta['high_level']), "
             "which a hypothesis needs to label each interchange; make it with make_counterfactuals or "
-            "hypothesis.counterfactuals, and do not subset it before testing")
+            "hypothesis.counterfactuals (subset() keeps them; data built by hand or concatenated may not)")
     return dict(high)
 
 

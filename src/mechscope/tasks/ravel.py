@@ -151,9 +151,7 @@ def counterfactuals(attribute: str, query: str, n: int, seed: int, split: str = 
     if len(keep) < n:
         raise RavelError(f"only {len(keep)} of {len(data)} drawn pairs of {name} differ on {list(concerned)}; "
                          f"ask for at most {len(keep)} or use a larger entity split than {split!r}")
-    out = data.subset(keep[:n])
-    # subset() copies meta as it is: index the high-level values with the rows it kept
-    out.meta["high_level"] = {k: {v: t[keep[:n]] for v, t in vals.items()} for k, vals in high.items()}
+    out = data.subset(keep[:n])  # the high-level values follow the rows kept
     out.meta.update({"kind": "cause" if query == attribute else "isolate", "attribute": attribute, "query": query,
                      "split": split})
     return out
