@@ -66,6 +66,7 @@ def test_kv_suffix_equals_one_forward_per_cell(hf, direction, readout):
         got = _check(model, clean, corrupt, cells, metric, direction=direction, readout=readout, **kw)
         assert got.extra["paths"] == {"suffix": n * T + len(post) + len(heads), "tail": 0, "forwards": 0}
         assert "fallback" not in got.extra
+        assert (got.values[-len(heads):] - got.values[-len(heads):].mean()).abs().max() > 1e-5  # heads differ
 
 
 def test_padding_masks_and_logits_to_keep(hf):

@@ -163,6 +163,8 @@ def test_head_cells_replay_their_block_from_the_position_on(setup, readout):
         assert torch.allclose(fast.values, ref.values, atol=1e-5), (fast.values - ref.values).abs().max()
         assert fast.extra["paths"] == {"suffix": len(cells), "tail": 0, "forwards": 0}
         assert "fallback" not in fast.extra
+        heads = fast.values[:len(cells) - len(resid_cells(model, positions=[3]))]
+        assert (heads - fast.corrupt).abs().max() > 1e-3  # the head patches move the metric
     assert suffix.feeds(structure(model), cells[0].site) == (0, Site("blocks.0", io="input"))
     assert suffix.feeds(structure(model), Site("blocks.0.attn.o", io="input", heads=[0], head_dim=8,
                                                 features=[1])) is None  # part of a head: whole forwards
