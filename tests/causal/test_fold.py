@@ -124,3 +124,14 @@ def test_where_it_does_not_apply_the_general_path_runs(monkeypatch):
     assert fold.foldable(engine.state, Site("acts.0"), None, 2) is None
     monkeypatch.setattr(fold, "MAX_TABLE", 10)
     assert "more than 10" in fold.foldable(engine.state, Site("acts.0"), None, 2)
+
+
+def test_a_readout_applies_after_the_folded_tail():
+    model, data = build("mlp", seed=0), _data()
+    places = {v: Site("acts.0") for v in data.variables}
+    with frozen(model):
+        engine = TailEngine(model, data, places, readout=lambda logits: logits.flip(-1)[:, :1] * 3)
+    trainable = SubspaceAlignment(places, {"A": 3, "B": 5}, {Site("acts.0"): 16}, seed=1)
+    general, folded = _both(engine, trainable, torch.arange(N))
+    assert engine._fold is not None and engine._fold.checked and folded.shape == (N, 1)
+    assert torch.allclose(folded, general, atol=1e-5)

@@ -198,7 +198,7 @@ class TailEngine:
         b = None if folded is None else bases(folded.variables)
         if b is not None:
             if not folded.checked:
-                why = folded.agrees(idx, b, lambda few: self._mixed(few, mixer, site_mixer))
+                why = folded.agrees(idx, b, lambda few: self._mixed(few, mixer, site_mixer), self.readout)
                 folded.checked = True
                 if why is not None:
                     log.warning("DAS keeps the general tail path: %s", why)

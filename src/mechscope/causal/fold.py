@@ -72,12 +72,13 @@ class Folded:
             z = module(z)
         return z
 
-    def agrees(self, idx: Tensor, bases: list[Tensor], general: Callable[[Tensor], Tensor]) -> str | None:
-        """None when the folded path gives ``general``'s logits on the first 16 rows of ``idx``,
-        else why not (then the caller keeps the general path)."""
+    def agrees(self, idx: Tensor, bases: list[Tensor], general: Callable[[Tensor], Tensor],
+               readout: Callable[[Tensor], Tensor]) -> str | None:
+        """None when the folded path (then ``readout``) gives ``general``'s logits on the first
+        16 rows of ``idx``, else why not (then the caller keeps the general path)."""
         few = idx[:16]
         with torch.no_grad():
-            got, want = self.logits(few, [b.detach() for b in bases]), general(few)
+            got, want = readout(self.logits(few, [b.detach() for b in bases])), general(few)
         if got.shape != want.shape:
             return f"the folded interchange gave shape {list(got.shape)}, the general path {list(want.shape)}"
         err, scale = error_scale(got, want)
