@@ -73,7 +73,7 @@ def test_padding_masks_and_logits_to_keep(hf):
     model, clean, corrupt, metric = hf
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, :3] = 0  # left padding
-    cells = resid_cells(model, positions=range(T))
+    cells = resid_cells(model, positions=range(T)) + head_cells(model, positions=[4, T - 1])
     for extra in ({"attention_mask": mask}, {"logits_to_keep": 1}, {"attention_mask": mask, "logits_to_keep": 2}):
         c, k = {"input_ids": clean, **extra}, {"input_ids": corrupt, **extra}
         for readout in (None, [-1]):

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mechscope.circuits import suffix
 from mechscope.core.intervene import Replace
-from mechscope.core.replay import Replay, ReplayError, error_scale, plan_tail
+from mechscope.core.replay import Replay, ReplayError, error_scale, plan_tail, slice_rows
 from mechscope.core.run import HookCall, cache, call_model, logits_of, run
 from mechscope.core.site import Site, SiteError
 from mechscope.core.structure import structure
@@ -296,17 +296,17 @@ def _heads_replay_or_not(model: nn.Module, base: Any, based: BaseRun, cells: Seq
     first = next((c for c in cells if c.site in head_sites and c.position is not None), None)
     if first is None:
         return
-    one, got = {}, {}
+    replayed, whole = {}, {}
     block, resid = fast[first.site]
-    state = based.suffix.rows(torch.arange(1))
-    first_row = lambda x: x[:1]  # noqa: E731
-    suffix.patch(state, [(0, block, first.position)], {0: based.acts[resid][:1]}, {0: src[first.site][:1]},
-                 lambda i, logits: got.__setitem__(i, logits), 1, {0: first.site})
-    base1 = {n: first_row(v) if isinstance(v, Tensor) and v.dim() else v for n, v in base.items()} \
-        if isinstance(base, dict) else first_row(base)
+    row, b = torch.arange(1), batch_size_of(base)  # the first example
+    suffix.patch(based.suffix.rows(row), [(0, block, first.position)], {0: based.acts[resid][:1]},
+                 {0: src[first.site][:1]}, lambda i, logits: replayed.__setitem__(i, logits), 1, {0: first.site})
+    # its rows of the base input (logits_to_keep names positions, not rows)
+    base1 = {n: v if n == "logits_to_keep" else slice_rows(v, row, b) for n, v in base.items()} \
+        if isinstance(base, dict) else slice_rows(base, row, b)
     _patch_by_forwards(model, base1, {first.site: src[first.site][:1]}, [first], [0],
-                       lambda i, logits: one.__setitem__(i, logits), 1, 1, readout)
-    err, scale = error_scale(got[0], logits_of(one[0]))
+                       lambda i, logits: whole.__setitem__(i, logits), 1, 1, readout)
+    err, scale = error_scale(replayed[0], logits_of(whole[0]))
     if err > 1e-4 * scale:
         for site in head_sites:
             del fast[site]
