@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules import module as module_hooks
 
 from mechscope.core.replay import Replay, error_scale
@@ -50,8 +51,7 @@ class Folded:
         self.variables = list(variables)
         self.fold = first is not None and plain_linear(first)
         with torch.no_grad():
-            head = torch.addmm(first.bias, x, first.weight.T) if self.fold and first.bias is not None else (
-                x @ first.weight.T if self.fold else x)  # [n, out]
+            head = F.linear(x, first.weight, first.bias) if self.fold else x  # [n, out]: what the layer computes
             self.table = torch.cat([head, *(sources[v] - x for v in self.variables)], 1).contiguous()
         self.width = head.shape[1]
         self.weight = first.weight if self.fold else None
@@ -61,12 +61,12 @@ class Folded:
     def logits(self, idx: Tensor, bases: list[Tensor]) -> Tensor:
         """The tail's output on rows ``idx`` with the variables mixed in along ``bases``."""
         rows = self.table.index_select(0, idx)  # [batch, out + V d]
-        dtype = rows.dtype
+        bases = [b.to(rows.dtype) for b in bases]
         if self.fold:
-            w_t = self.weight.T.to(dtype)  # [d, out]
-            mats = [b.to(dtype) @ (b.to(dtype).T @ w_t) for b in bases]  # each [d, out]
+            w_t = self.weight.T.to(rows.dtype)  # [d, out]
+            mats = [b @ (b.T @ w_t) for b in bases]  # each [d, out]
         else:
-            mats = [b.to(dtype) @ b.to(dtype).T for b in bases]  # each [d, d]
+            mats = [b @ b.T for b in bases]  # each [d, d]
         z = torch.addmm(rows[:, :self.width], rows[:, self.width:], torch.cat(mats))  # [batch, out]
         for module in self.rest:  # a plain loop: this runs in every DAS step
             z = module(z)

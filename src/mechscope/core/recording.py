@@ -64,11 +64,9 @@ def recording(model: nn.Module, paths: Iterable[str], *, copies: bool = False,
     def recorder(path: str, module: nn.Module) -> Callable[..., Any]:
         def fn(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             start = next(tick)
-            x = first_tensor(args, kwargs) if copies else None
-            x = x.detach().clone() if x is not None else None
+            x = _copy(first_tensor(args, kwargs)) if copies else None
             out = original(*args, **kwargs)
-            y = first_output(out) if copies else None
-            y = y.detach().clone() if y is not None else None
+            y = _copy(first_output(out)) if copies else None
             calls.append(Call(path, module, args, kwargs, out, start, next(tick), x, y))
             return out
         return fn
@@ -80,6 +78,10 @@ def recording(model: nn.Module, paths: Iterable[str], *, copies: bool = False,
                           "the recording forward cannot wrap them (full forwards give the same numbers)")
     with substituting(model, {p: recorder(p, m) for p, m in modules.items()}, wrap_replaced=wrap_replaced):
         yield calls
+
+
+def _copy(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().clone()
 
 
 @torch.no_grad()

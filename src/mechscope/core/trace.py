@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.core.recording import recording
+from mechscope.core.run import call_model
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,7 @@ def _run(model: nn.Module, example: Any) -> Trace:
         # wrap_replaced: the probe must also see models whose forwards accelerate has wrapped
         with recording(model, paths, copies=True, wrap_replaced=True) as calls, \
                 torch.random.fork_rng(devices=[]), torch.no_grad():
-            if isinstance(example, Mapping):
-                model(**example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
+            call_model(model, example)
     finally:
         for m, training in modes.items():
             m.training = training
