@@ -76,3 +76,31 @@ def test_torchrun_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("final: FVU") == 1  # only process 0 reports and writes
     assert load_sae(out).cfg.d_sae == 256 and read_sae_metadata(out)["history"][-1]["tokens"] == 6 * 256 * 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    """--device is where the dictionary trains: a CUDA device torch cannot see is refused, not
+    silently replaced by the CPU."""
+    code = main(["sae", "train", "--synthetic", "--d-sae", "64", "--k", "4", "--steps", "2", "--batch-size", "64",
+                 "--out", str(tmp_path / "sae.safetensors"), "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda: device='cuda', but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "sae.safetensors").exists()
+
+
+def test_train_trains_on_the_device_asked_for(tmp_path, monkeypatch):
+    import importlib
+
+    sae_train = importlib.import_module("mechscope.sae.train")  # the module (the package exports a function of that name)
+    seen = []
+    real = sae_train.train
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sae_train, "train", spy)
+    assert main(["sae", "train", "--synthetic", "--d-sae", "64", "--k", "4", "--steps", "2", "--batch-size", "64",
+                 "--out", str(tmp_path / "sae.safetensors"), "--device", "auto"]) == 0
+    assert seen == ["cuda" if torch.cuda.is_available() else "cpu"]

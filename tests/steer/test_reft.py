@@ -104,3 +104,18 @@ def test_bad_configs():
         Reft([Site("blocks.0")], 64, "lora")
     with pytest.raises(ReftError, match="built for width 8"):
         LoReFT(8)(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("kind", ["loreft", "direft"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_gets_the_edit_in_float32_rounded_once(kind, dtype):
+    """A model run in bf16/fp16 (``--dtype``) feeds the intervention half-precision activations:
+    it computes in its own float32 and returns the model's dtype (it used to fail on mixed
+    dtypes)."""
+    from mechscope.steer.reft import KINDS
+
+    m = KINDS[kind](32, rank=4, seed=0)
+    h = torch.randn(5, 7, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = m(h)
+    assert out.dtype == dtype and out.shape == h.shape
+    assert torch.equal(out, m(h.float()).to(dtype))  # float32 all the way, rounded on the way back

@@ -47,20 +47,23 @@ class ModelSource(Config):
 def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> tuple[Any, Any]:
     """``(model, tokenizer or None)`` that ``source`` names, ``default`` (a built-in name)
     when it names none; a Hugging Face config builds a random model seeded by ``seed``. Bad
-    names and configs are usage errors (exit 2)."""
+    names and configs are usage errors (exit 2), and so is a device torch cannot use here."""
+    if source.device != "auto":  # checked before any loading, whatever the model
+        compute_device(source.device)
     if source.hf_config is not None:
         from mechscope.core.models import hf_model_from_config
 
         try:
-            return hf_model_from_config(source.hf_config, seed=seed), None
+            model = hf_model_from_config(source.hf_config, seed=seed)
         except (ImportError, OSError, ValueError) as e:
             raise hf_config_error(e) from None
+        return _placed(model, source), None
     name = source.model or default
     from mechscope.core.load import ModelLoadError, load_model
     from mechscope.tasks import registry  # the zoo's architectures and the worlds' trained models
 
     if name in registry.model_names():
-        return registry.build_model(name), None
+        return _placed(registry.build_model(name), source), None
     try:
         return load_model(name, dtype=source.dtype, device=source.device, allow_download=source.download)
     except ModelLoadError as e:
@@ -68,6 +71,37 @@ def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> t
             raise UsageError(str(e)) from None
         raise UsageError(f"unknown model {name!r}; valid: a built-in model ({', '.join(registry.model_names())}) "
                          f"or a pretrained one: {e}") from None
+
+
+def _placed(model: Any, source: ModelSource) -> Any:
+    """A model built in memory, in ``--dtype`` on ``--device`` (never silently left on the CPU in float32)."""
+    from mechscope.core.load import ModelLoadError, place
+
+    try:
+        return place(model, source.dtype, source.device)
+    except ModelLoadError as e:
+        raise UsageError(f"--device {source.device}: {e}") from None
+
+
+def compute_device(device: str) -> str:
+    """Where this process puts what a command trains, from ``--device``: ``auto`` is the first
+    CUDA device torch sees, else the CPU; under ``torchrun`` a plain ``cuda`` is this rank's own
+    GPU (``cuda:LOCAL_RANK``, round-robin when there are more ranks than GPUs), not every rank
+    on the first. A device torch cannot use here is a usage error (exit 2)."""
+    import os
+
+    import torch
+
+    from mechscope.core.distributed import launched_by_torchrun
+    from mechscope.core.load import ModelLoadError, in_memory_device
+
+    try:
+        name = in_memory_device(device)
+    except ModelLoadError as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    if name == "cuda" and launched_by_torchrun():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % torch.cuda.device_count()}"
+    return name
 
 
 def hf_config_error(e: Exception) -> UsageError:

@@ -170,14 +170,20 @@ def _train(args: argparse.Namespace, torch: Any) -> int:
 def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: OutputConfig, cfg: Any) -> int:
     from mechscope.sae.arch import SAEConfig
     from mechscope.core.fingerprint import FingerprintError, cli_label
-    from mechscope.core.distributed import finish, init_distributed, shard
+    from mechscope.cli.model_source import compute_device
+    from mechscope.core.distributed import finish, init_distributed, launched_by_torchrun, shard
     from mechscope.core.tracking import open_tracker
     from mechscope.sae.io import save_sae
     from mechscope.sae.saelens import save_saelens
     from mechscope.sae.train import train
 
     torch.set_num_threads(out.threads)
-    comm = init_distributed()
+    device = compute_device(args.device)  # where the dictionary trains (and, under torchrun, this rank's model)
+    comm = init_distributed("gloo")  # gloo reduces CPU and CUDA tensors alike (the scales' statistics, the grads)
+    if launched_by_torchrun() and device.startswith("cuda:"):  # this rank's own GPU (compute_device)
+        torch.cuda.set_device(device)
+        if args.device == "cuda":
+            args.device = device  # the rank's live model goes there too
     fields = {f: getattr(args, f) for f in SAEConfig.field_names() if hasattr(args, f) and f not in ("d_in", "d_out")}
     if data.corpus is not None:
         if fields.get("kind", "sae") != "sae":
@@ -194,7 +200,7 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
                                                    "data": data.to_dict()}, name=out.out.stem,
                       enabled=comm.is_main) as tracker:
         try:
-            result = train(sae_cfg, cfg, batches, comm=comm, on_log=lambda entry, t: tracker.log(entry, t.step_count),
+            result = train(sae_cfg, cfg, batches, comm=comm, device=device, on_log=lambda entry, t: tracker.log(entry, t.step_count),
                            fingerprint=run_fingerprint(data, source, live) if cfg.checkpoint_dir is not None else None,
                            extend=args.continue_run)
         except FingerprintError as e:  # the library's message, with the options' names

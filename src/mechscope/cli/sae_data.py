@@ -27,7 +27,10 @@ class LiveModel(ModelSource):
     """A pretrained model with its tokenizer, run live over --corpus."""
 
     FIELD_HELP = {"model": "a pretrained model with its tokenizer (a Hugging Face directory, a .gguf file, "
-                           "gemma-3-270m): with --corpus, the dictionary reads its activations at --site live"}
+                           "gemma-3-270m): with --corpus, the dictionary reads its activations at --site live",
+                  "device": "where the dictionary trains and a live model runs: cpu, cuda, cuda:N or auto (a live "
+                            "model on accelerate's device map, the dictionary on the first GPU, else the CPU); "
+                            "under torchrun, cuda is each rank's own GPU"}
 
 
 def data_stream(data: DataConfig, batch_size: int, kind: str = "sae") -> tuple[Any, int, int | None, Any]:

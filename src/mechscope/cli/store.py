@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from mechscope.cli import UsageError
-from mechscope.cli.model_source import ModelSource, load, resolve_site
+from mechscope.cli.model_source import ModelSource, compute_device, load, resolve_site
 from mechscope.core.config import Config, add_config_arguments, config, config_from_args, param
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
@@ -101,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     comm = None
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun: the ranks write one store together
         comm = init_distributed("gloo")  # the store's collectives are barriers: gloo, whatever the device
-        if source.device == "cuda" and torch.cuda.is_available():  # one GPU per rank, not every rank on the first
-            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-            source = source.replace(device=f"cuda:{local % torch.cuda.device_count()}")  # more ranks than GPUs share
+        if source.device == "cuda":  # one GPU per rank, not every rank on the first
+            source = source.replace(device=compute_device(source.device))
     with lock_dir(cfg.out, "--out"):  # checked and locked before the model loads (write_store takes it again)
         model, tokenizer = load(source)
         if tokenizer is None:

@@ -97,6 +97,23 @@ def _device_options(device: str | torch.device) -> dict[str, Any]:
     return {"device_map": name} if name != "cpu" else {}
 
 
+def in_memory_device(device: str | torch.device) -> str:
+    """``device`` for a model built in memory (a built-in model, a random one from a config),
+    checked as :func:`load_model` checks it: ``"auto"`` is the first CUDA device torch sees,
+    else the CPU (accelerate's device map spreads checkpoints loaded from disk; a model built
+    in memory goes to one device)."""
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    _device_options(name)  # refuses what cannot run here
+    return name
+
+
+def place(model: nn.Module, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    """``model``, built in memory, in ``dtype`` on ``device`` (:func:`in_memory_device`)."""
+    return model.to(device=in_memory_device(device), dtype=torch_dtype(dtype))
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -479,8 +496,10 @@ __all__ = [
     "cache_root",
     "check_vocabulary",
     "file_sha256",
+    "in_memory_device",
     "load_model",
     "model_record",
+    "place",
     "reference_cache_dir",
     "reference_cached",
     "reference_gguf",

@@ -57,9 +57,10 @@ class LoReFT(nn.Module):
 
     def forward(self, h: Tensor, call: Any = None) -> Tensor:  # [..., d] -> [..., d]
         _check_width(self, h, call)
-        r = self.rotate.weight.to(h.dtype)  # [rank, d]
-        delta = self.learned_source(h) - h @ r.T  # [..., rank]
-        return h + delta @ r
+        x = _in_own_precision(self, h)
+        r = self.rotate.weight  # [rank, d]
+        delta = self.learned_source(x) - x @ r.T  # [..., rank]
+        return (x + delta @ r).to(h.dtype)
 
 
 class DiReFT(nn.Module):
@@ -83,10 +84,17 @@ class DiReFT(nn.Module):
 
     def forward(self, h: Tensor, call: Any = None) -> Tensor:
         _check_width(self, h, call)
-        return h + self.learned_source(h) @ self.rotate.weight.to(h.dtype)
+        x = _in_own_precision(self, h)
+        return (x + self.learned_source(x) @ self.rotate.weight).to(h.dtype)
 
 
 KINDS: dict[str, type[nn.Module]] = {"loreft": LoReFT, "direft": DiReFT}
+
+
+def _in_own_precision(m: nn.Module, h: Tensor) -> Tensor:
+    """``h`` in the intervention's own dtype (its parameters', float32 unless cast): a model run in
+    bf16 or fp16 gets the edit computed in float32 and rounded once, on the way back."""
+    return h.to(m.learned_source.weight.dtype)
 
 
 def _check_width(m: nn.Module, h: Tensor, call: Any) -> None:
