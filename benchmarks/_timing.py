@@ -45,13 +45,12 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int =
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def device_options(argv: Sequence[str]) -> tuple[torch.device, torch.dtype]:
-    """A benchmark's ``--device`` (cpu, cuda, cuda:N; default cpu) and ``--dtype`` (float32,
-    bfloat16, float16; default float32). A value that cannot run here exits with status 2 and
-    one line saying why."""
+    """A benchmark's ``--device`` (cpu, cuda, cuda:N or auto; default cpu) and ``--dtype`` (float32,
+    bfloat16, float16; default float32), checked as ``load_model`` checks them. A value that
+    cannot run here exits with status 2 and one line saying why."""
+    from mechscope.core.load import ModelLoadError, in_memory_device, torch_dtype
+
     def value(flag: str, default: str) -> str:
         if flag not in argv:
             return default
@@ -61,19 +60,16 @@ def device_options(argv: Sequence[str]) -> tuple[torch.device, torch.dtype]:
         return argv[i + 1]
 
     name, dtype = value("--device", "cpu"), value("--dtype", "float32")
-    if dtype not in DTYPES:
-        _refuse(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        _refuse(f"--device {name!r} is not a device; give cpu, cuda or cuda:N")
+        dt = torch_dtype(dtype)
+        device = torch.device(in_memory_device(name))
+    except ModelLoadError as e:
+        _refuse(f"--device {name} --dtype {dtype}: {e}")
     if device.type not in ("cpu", "cuda"):
-        _refuse(f"--device {name!r}: these benchmarks run on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _refuse(f"--device {name}, but torch {torch.__version__} sees no CUDA device; run with --device cpu")
+        _refuse(f"--device {name}: these benchmarks time the CPU and CUDA devices only")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         _refuse(f"--device {name}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device, DTYPES[dtype]
+    return device, dt
 
 
 def placed(device: torch.device, dtype: torch.dtype) -> str:

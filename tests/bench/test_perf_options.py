@@ -16,6 +16,8 @@ import _timing  # noqa: E402
 
 def test_defaults_are_the_cpu_in_float32():
     assert _timing.device_options(["bench.py", "--quick"]) == (torch.device("cpu"), torch.float32)
+    auto = _timing.device_options(["bench.py", "--device", "auto"])[0]
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("name, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
@@ -25,11 +27,11 @@ def test_dtypes(name, dtype):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--dtype", "float64"], "--dtype 'float64' is not one of float32, bfloat16, float16"),
+    (["--dtype", "float64"], "--dtype float64: dtype 'float64' is not supported; expected one of"),
     (["--dtype"], "--dtype needs a value"),
     (["--device", "--quick"], "--device needs a value"),
-    (["--device", "meta"], "these benchmarks run on cpu or cuda"),
-    (["--device", "nonsense"], "is not a device"),
+    (["--device", "meta"], "--device meta --dtype float32: device 'meta' is not supported"),
+    (["--device", "nonsense"], "device 'nonsense' is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'auto'"),
 ])
 def test_bad_values_exit_2_with_one_line(argv, says, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -45,7 +47,8 @@ def test_cuda_without_a_device_is_refused_at_the_command_line():
                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"error: --device cuda, but torch {torch.__version__} sees no CUDA device; run with --device cpu"]
+        f"error: --device cuda --dtype float32: device='cuda', but torch sees no CUDA device (torch "
+        f"{torch.__version__}); use device='cpu'"]
     assert out.stdout == ""  # refused before any work
 
 
