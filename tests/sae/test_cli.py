@@ -92,7 +92,7 @@ def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
 def test_train_trains_on_the_device_asked_for(tmp_path, monkeypatch):
     import importlib
 
-    sae_train = importlib.import_module("mechscope.sae.train")  # the module (the package exports a function of that name)
+    sae_train = importlib.import_module("mechscope.sae.train")  # the module: the package exports a function `train`
     seen = []
     real = sae_train.train
 

@@ -48,7 +48,9 @@ def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> t
     """``(model, tokenizer or None)`` that ``source`` names, ``default`` (a built-in name)
     when it names none; a Hugging Face config builds a random model seeded by ``seed``. Bad
     names and configs are usage errors (exit 2), and so is a device torch cannot use here."""
-    if source.device != "auto":  # checked before any loading, whatever the model
+    from mechscope.core.load import ModelLoadError, load_model, place
+
+    if source.device != "auto":  # checked before any loading, whatever the model (place() cannot fail after it)
         compute_device(source.device)
     if source.hf_config is not None:
         from mechscope.core.models import hf_model_from_config
@@ -57,13 +59,12 @@ def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> t
             model = hf_model_from_config(source.hf_config, seed=seed)
         except (ImportError, OSError, ValueError) as e:
             raise hf_config_error(e) from None
-        return _placed(model, source), None
+        return place(model, source.dtype, source.device), None
     name = source.model or default
-    from mechscope.core.load import ModelLoadError, load_model
     from mechscope.tasks import registry  # the zoo's architectures and the worlds' trained models
 
-    if name in registry.model_names():
-        return _placed(registry.build_model(name), source), None
+    if name in registry.model_names():  # a model built in memory goes where --dtype/--device say, as a loaded one does
+        return place(registry.build_model(name), source.dtype, source.device), None
     try:
         return load_model(name, dtype=source.dtype, device=source.device, allow_download=source.download)
     except ModelLoadError as e:
@@ -71,16 +72,6 @@ def load(source: ModelSource, default: Optional[str] = None, seed: int = 0) -> t
             raise UsageError(str(e)) from None
         raise UsageError(f"unknown model {name!r}; valid: a built-in model ({', '.join(registry.model_names())}) "
                          f"or a pretrained one: {e}") from None
-
-
-def _placed(model: Any, source: ModelSource) -> Any:
-    """A model built in memory, in ``--dtype`` on ``--device`` (never silently left on the CPU in float32)."""
-    from mechscope.core.load import ModelLoadError, place
-
-    try:
-        return place(model, source.dtype, source.device)
-    except ModelLoadError as e:
-        raise UsageError(f"--device {source.device}: {e}") from None
 
 
 def compute_device(device: str) -> str:

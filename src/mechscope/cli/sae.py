@@ -200,7 +200,8 @@ def _train_locked(args: argparse.Namespace, torch: Any, data: DataConfig, out: O
                                                    "data": data.to_dict()}, name=out.out.stem,
                       enabled=comm.is_main) as tracker:
         try:
-            result = train(sae_cfg, cfg, batches, comm=comm, device=device, on_log=lambda entry, t: tracker.log(entry, t.step_count),
+            result = train(sae_cfg, cfg, batches, comm=comm, device=device,
+                           on_log=lambda entry, t: tracker.log(entry, t.step_count),
                            fingerprint=run_fingerprint(data, source, live) if cfg.checkpoint_dir is not None else None,
                            extend=args.continue_run)
         except FingerprintError as e:  # the library's message, with the options' names
